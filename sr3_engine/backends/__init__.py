@@ -1,0 +1,26 @@
+"""How a whole denoiser runs. Each engine backend turns (model, device, dtype) into an
+object with `run(x_up, y_T, plan, *, generator, callback) -> y_0`; the sampling plan
+(float64 per-step scalars) is the same for all of them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .base import Backend, BackendUnavailableError
+
+ENGINE_BACKENDS = ("eager", "fused", "compile", "onnxruntime", "tensorrt")
+
+
+def create_backend(name: str, model: nn.Module, device: torch.device, dtype: torch.dtype,
+                   op_backend: str = "auto") -> Backend:
+    if name not in ENGINE_BACKENDS:
+        raise ValueError(f"unknown engine backend {name!r}; choose one of {ENGINE_BACKENDS}")
+    if name == "eager":
+        from .eager import EagerBackend
+
+        return EagerBackend(model, device, dtype, op_backend)
+    raise BackendUnavailableError(f"engine backend {name!r} is not implemented in this version of sr3_engine")
+
+
+__all__ = ["Backend", "BackendUnavailableError", "ENGINE_BACKENDS", "create_backend"]

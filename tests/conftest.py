@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+import sr3_engine as sr3
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tiny_model() -> sr3.SR3UNet:
+    torch.manual_seed(1234)
+    return sr3.SR3UNet(sr3.UNetConfig.named("tiny")).eval()
+
+
+def oracle_denoiser(y0: torch.Tensor, noise_level_input: str = "sqrt_gamma"):
+    """A 'network' that returns the true eps of y_t for a known y0:
+    eps = (y_t - sqrt(gamma) y0) / sqrt(1 - gamma)."""
+
+    def denoise(x_up, y_t, noise_level):
+        level = noise_level.double().view(-1, 1, 1, 1)
+        gamma = level * level
+        return ((y_t.double() - level * y0.double()) / torch.sqrt(1.0 - gamma)).to(y_t.dtype)
+
+    return denoise

@@ -1,0 +1,147 @@
+"""SR3Engine: the public contract of DESIGN §3."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import sr3_engine as sr3
+from sr3_engine.backends import BackendUnavailableError
+
+
+def _engine(model, **kwargs):
+    kwargs.setdefault("schedule", sr3.NoiseSchedule.linear(8, 1e-3, 0.2))
+    kwargs.setdefault("scale", 2)
+    kwargs.setdefault("progress", False)
+    return sr3.SR3Engine(model, **kwargs)
+
+
+def _seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_sample_shape_range_and_determinism(tiny_model):
+    engine = _engine(tiny_model, scale=4)
+    lr = torch.rand(3, 3, 6, 5)
+    hr = engine.sample(lr, generator=_seeded(0))
+    assert hr.shape == (3, 3, 24, 20) and hr.dtype == torch.float32
+    assert hr.min() >= 0 and hr.max() <= 1
+    torch.testing.assert_close(hr, engine.sample(lr, generator=_seeded(0)), rtol=0, atol=0)
+    assert not torch.equal(hr, engine.sample(lr, generator=_seeded(1)))
+
+
+def test_sizes_the_network_cannot_take_are_padded_and_cropped(tiny_model):
+    hr = _engine(tiny_model, scale=3).sample(torch.rand(1, 3, 5, 7), generator=_seeded())
+    assert hr.shape == (1, 3, 15, 21)
+
+
+def test_steps_respaces_the_schedule(tiny_model):
+    engine = _engine(tiny_model)
+    seen = []
+    engine.sample(torch.rand(1, 3, 4, 4), steps=3, callback=lambda i, n, y: seen.append(n))
+    assert seen == [3, 3, 3]
+
+
+def test_any_module_with_the_signature_is_served():
+    class Zero(nn.Module):
+        def forward(self, x_up, y_t, noise_level):
+            return torch.zeros_like(y_t)
+
+    hr = _engine(Zero(), sampler="ddim").sample(torch.rand(2, 3, 3, 3), generator=_seeded())
+    assert hr.shape == (2, 3, 6, 6)
+
+
+def test_reduced_precision_engine_runs(tiny_model):
+    hr = _engine(tiny_model, dtype=torch.bfloat16).sample(torch.rand(1, 3, 4, 4), generator=_seeded())
+    assert hr.dtype == torch.float32 and torch.isfinite(hr).all()
+
+
+def test_save_and_load_give_bit_identical_samples(tiny_model, tmp_path):
+    engine = _engine(tiny_model, scale=4, sampler=sr3.SamplerConfig("ddim", eta=0.3))
+    engine.save_pretrained(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
+    document = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert document["scale"] == 4 and document["sampler"]["name"] == "ddim"
+    loaded = sr3.SR3Engine.from_pretrained(tmp_path / "model", progress=False)
+    assert loaded.scale == 4 and loaded.sampler == engine.sampler
+    assert loaded.schedule.config == engine.schedule.config
+    lr = torch.rand(2, 3, 4, 6)
+    torch.testing.assert_close(loaded.sample(lr, generator=_seeded(3)), engine.sample(lr, generator=_seeded(3)),
+                               rtol=0, atol=0)
+
+
+def test_half_precision_weights_round_trip(tiny_model, tmp_path):
+    _engine(tiny_model).save_pretrained(tmp_path, weights_dtype=torch.float16)
+    loaded = sr3.SR3Engine.from_pretrained(tmp_path, progress=False)
+    for name, value in tiny_model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], value.half().float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda d: (d / "config.json").unlink(), "config.json: missing"),
+    (lambda d: (d / "model.safetensors").unlink(), "model.safetensors: missing"),
+    (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "config.json").write_text('{"a": 1}'), "not an sr3_engine model config"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64), "not a readable safetensors file"),
+])
+def test_broken_model_directories_get_a_one_line_error(tiny_model, tmp_path, breakage, message):
+    _engine(tiny_model).save_pretrained(tmp_path)
+    breakage(tmp_path)
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as info:
+        sr3.SR3Engine.from_pretrained(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_missing_model_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        sr3.SR3Engine.from_pretrained(tmp_path / "nowhere")
+
+
+def test_only_sr3_models_can_be_saved(tmp_path):
+    class Plain(nn.Module):
+        def forward(self, x_up, y_t, level):
+            return y_t
+
+    with pytest.raises(TypeError, match="only SR3UNet"):
+        _engine(Plain()).save_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.rand(3, 4, 4).numpy(), "expected a torch.Tensor"),
+    (torch.rand(3, 4, 4), r"expected shape \(B, 3, h, w\)"),
+    (torch.rand(0, 3, 4, 4), "batch is empty"),
+    (torch.rand(1, 4, 4, 4), "expected 3 \\(RGB\\) channels"),
+    (torch.rand(1, 3, 0, 4), "at least 1x1"),
+    (torch.randint(0, 255, (1, 3, 4, 4), dtype=torch.uint8), "floating point"),
+    (torch.rand(1, 3, 4, 4) * 2, r"values in \[0, 1\]"),
+    (torch.full((1, 3, 4, 4), float("nan")), "NaN"),
+])
+def test_bad_input_is_rejected_with_what_was_expected(tiny_model, bad, message):
+    with pytest.raises(ValueError, match=message):
+        _engine(tiny_model).sample(bad)
+
+
+def test_engine_arguments_are_validated(tiny_model):
+    with pytest.raises(ValueError, match="unknown engine backend"):
+        _engine(tiny_model, backend="fast")
+    with pytest.raises(ValueError, match="scale"):
+        _engine(tiny_model, scale=0)
+    with pytest.raises(ValueError, match="dtype"):
+        _engine(tiny_model, dtype=torch.int8)
+
+
+def test_a_named_backend_that_is_not_here_says_so(tiny_model):
+    with pytest.raises(BackendUnavailableError, match="tensorrt"):
+        _engine(tiny_model, backend="tensorrt")
+
+
+def test_upscale_keeps_order_sizes_and_alpha(tiny_model):
+    engine = _engine(tiny_model, scale=2)
+    rgba = Image.new("RGBA", (5, 3), (10, 200, 30, 128))
+    images = [Image.new("RGB", (4, 4), (255, 0, 0)), rgba, Image.new("L", (4, 4), 77)]
+    out = engine.upscale(images, generator=_seeded())
+    assert [im.size for im in out] == [(8, 8), (10, 6), (8, 8)]
+    assert [im.mode for im in out] == ["RGB", "RGBA", "RGB"]
+    assert out[1].getchannel("A").getextrema() == (128, 128)

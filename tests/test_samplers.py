@@ -1,0 +1,104 @@
+"""Samplers: an oracle denoiser must lead every sampler back to y0; plans follow the equations."""
+
+import numpy as np
+import pytest
+import torch
+
+import sr3_engine as sr3
+from sr3_engine.samplers import ancestral_plan, ddim_plan, run_plan
+
+from .conftest import oracle_denoiser
+
+SCHEDULES = {
+    "linear100": lambda: sr3.NoiseSchedule.linear(100, 1e-4, 0.1),
+    "cosine50": lambda: sr3.NoiseSchedule.cosine(50),
+    "train2000_respaced25": lambda: sr3.NoiseSchedule.linear(2000, 1e-6, 1e-2).respaced(25),
+    "warmup40": lambda: sr3.NoiseSchedule.warmup(40, 1e-4, 0.05, 0.3),
+}
+CONFIGS = {
+    "ancestral_posterior": sr3.SamplerConfig("ancestral"),
+    "ancestral_beta": sr3.SamplerConfig("ancestral", sigma="beta"),
+    "ancestral_noclip": sr3.SamplerConfig("ancestral", clip=False),
+    "ddim": sr3.SamplerConfig("ddim"),
+    "ddim_eta05": sr3.SamplerConfig("ddim", eta=0.5),
+}
+
+
+@pytest.mark.parametrize("schedule_name", SCHEDULES)
+@pytest.mark.parametrize("config_name", CONFIGS)
+def test_oracle_denoiser_recovers_y0(schedule_name, config_name):
+    config = CONFIGS[config_name]
+    g = torch.Generator().manual_seed(5)
+    y0 = torch.rand(2, 3, 9, 7, generator=g) * 1.8 - 0.9
+    y_T = torch.randn(y0.shape, generator=g)
+    sampler = sr3.SAMPLERS[config.name]
+    out = sampler(oracle_denoiser(y0), torch.zeros_like(y0), y_T, SCHEDULES[schedule_name](), config=config,
+                  generator=torch.Generator().manual_seed(1))
+    assert (out - y0).abs().max().item() < 1e-3
+
+
+def test_ancestral_plan_is_the_reversed_posterior():
+    schedule = sr3.NoiseSchedule.linear(30, 1e-4, 0.1)
+    plan = ancestral_plan(schedule, sr3.SamplerConfig())
+    np.testing.assert_array_equal(plan.timesteps, np.arange(30, 0, -1))
+    np.testing.assert_array_equal(plan.coef1, schedule.coef1[::-1])
+    np.testing.assert_array_equal(plan.coef2, schedule.coef2[::-1])
+    np.testing.assert_array_equal(plan.sigma[:-1], schedule.posterior_sigma[::-1][:-1])
+    assert plan.sigma[-1] == 0.0
+    beta_plan = ancestral_plan(schedule, sr3.SamplerConfig(sigma="beta"))
+    np.testing.assert_allclose(beta_plan.sigma[:-1], np.sqrt(1 - schedule.alphas[::-1][:-1]))
+    assert beta_plan.sigma[-1] == 0.0
+
+
+def test_ddim_with_eta_one_is_the_ddpm_posterior():
+    schedule = sr3.NoiseSchedule.cosine(40)
+    ddim = ddim_plan(schedule, sr3.SamplerConfig("ddim", eta=1.0))
+    ddpm = ancestral_plan(schedule, sr3.SamplerConfig())
+    for name in ("coef1", "coef2", "sigma"):
+        np.testing.assert_allclose(getattr(ddim, name), getattr(ddpm, name), rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_deterministic_ddim_follows_the_eps_trajectory():
+    schedule = sr3.NoiseSchedule.linear(10, 1e-3, 0.3)
+    plan = ddim_plan(schedule, sr3.SamplerConfig("ddim", clip=False))
+    assert np.all(plan.sigma == 0.0)
+    g, g_prev = schedule.gammas[::-1], schedule.gammas_prev[::-1]
+    y_t, eps = 0.7, -0.4
+    y0_hat = y_t / np.sqrt(g) - np.sqrt(1 / g - 1) * eps
+    expected = np.sqrt(g_prev) * y0_hat + np.sqrt(1 - g_prev) * eps
+    got = plan.coef1 * y0_hat + plan.coef2 * y_t
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_deterministic_ddim_ignores_the_generator(tiny_model):
+    schedule = sr3.NoiseSchedule.linear(6, 1e-3, 0.2)
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    y_T = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        a = sr3.ddim(tiny_model, x, y_T, schedule, generator=torch.Generator().manual_seed(1))
+        b = sr3.ddim(tiny_model, x, y_T, schedule, generator=torch.Generator().manual_seed(2))
+        c = sr3.ancestral(tiny_model, x, y_T, schedule, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)
+
+
+def test_callback_sees_every_step():
+    seen = []
+    y0 = torch.zeros(1, 3, 2, 2)
+    sr3.ancestral(oracle_denoiser(y0), y0, torch.randn(1, 3, 2, 2), sr3.NoiseSchedule.linear(7, 1e-3, 0.2),
+                  callback=lambda i, total, y: seen.append((i, total, tuple(y.shape))))
+    assert seen == [(i, 7, (1, 3, 2, 2)) for i in range(7)]
+
+
+def test_a_non_finite_output_names_the_step():
+    calls = []
+
+    def breaks_at_third_call(x_up, y_t, level):
+        calls.append(1)
+        return torch.full_like(y_t, float("nan")) if len(calls) == 3 else torch.zeros_like(y_t)
+
+    schedule = sr3.NoiseSchedule.linear(5, 1e-3, 0.2)
+    plan = ancestral_plan(schedule, sr3.SamplerConfig(clip=False))
+    with pytest.raises(FloatingPointError, match=r"step 3 of 5 \(t=3"):
+        run_plan(breaks_at_third_call, torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2), plan,
+                 generator=torch.Generator().manual_seed(0))
