@@ -60,7 +60,12 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
 
 
 class SR3Engine:
-    """Serve an SR3 denoiser. `model` is any module with model(x_up, y_t, noise_level) -> eps."""
+    """Serve an SR3 denoiser. `model` is any module with model(x_up, y_t, noise_level) -> eps.
+
+    The engine takes the module over: it is moved to `device` and `dtype` and put in eval
+    mode in place (copying a large model would double its memory); pass a copy to keep the
+    original as it was.
+    """
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule | None = None, scale: int = 4, *,
                  backend: str = "eager", device: str | torch.device = "cpu",
@@ -201,14 +206,26 @@ class SR3Engine:
                         **engine_kwargs: Any) -> "SR3Engine":
         """Load a directory written by save_pretrained (or a bundled model's name)."""
         directory = resolve_model_dir(name_or_path)
-        document = read_config(directory / CONFIG_FILE)
-        model = SR3UNet(UNetConfig.from_dict(document["model"]))
-        model.load_state_dict(read_weights(directory / WEIGHTS_FILE))
-        schedule = NoiseSchedule.from_config(ScheduleConfig.from_dict(document["schedule"]))
-        sampler = SamplerConfig.from_dict(document.get("sampler", {}))
+        config_path = directory / CONFIG_FILE
+        document = read_config(config_path)
+        try:
+            model = SR3UNet(UNetConfig.from_dict(document["model"]))
+            schedule = NoiseSchedule.from_config(ScheduleConfig.from_dict(document["schedule"]))
+            sampler = SamplerConfig.from_dict(document.get("sampler", {}))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{config_path}: {_one_line(error)}") from None
+        weights_path = directory / WEIGHTS_FILE
+        try:
+            model.load_state_dict(read_weights(weights_path))
+        except RuntimeError as error:
+            raise ValueError(f"{weights_path}: does not match {CONFIG_FILE} ({_one_line(error)})") from None
         engine_kwargs.setdefault("sampler", sampler)
         return cls(model, schedule, int(document["scale"]), backend=backend, device=device, dtype=dtype,
                    **engine_kwargs)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -145,3 +145,22 @@ def test_upscale_keeps_order_sizes_and_alpha(tiny_model):
     assert [im.size for im in out] == [(8, 8), (10, 6), (8, 8)]
     assert [im.mode for im in out] == ["RGB", "RGBA", "RGB"]
     assert out[1].getchannel("A").getextrema() == (128, 128)
+
+
+def test_weights_that_do_not_fit_the_config_name_the_file(tiny_model, tmp_path):
+    _engine(tiny_model).save_pretrained(tmp_path)
+    document = json.loads((tmp_path / "config.json").read_text())
+    document["model"]["inner_channels"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="model.safetensors: does not match config.json") as info:
+        sr3.SR3Engine.from_pretrained(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_config_with_wrong_values_names_the_file(tiny_model, tmp_path):
+    _engine(tiny_model).save_pretrained(tmp_path)
+    document = json.loads((tmp_path / "config.json").read_text())
+    document["model"]["norm_groups"] = 5
+    (tmp_path / "config.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="config.json: UNetConfig"):
+        sr3.SR3Engine.from_pretrained(tmp_path)
