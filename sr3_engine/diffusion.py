@@ -42,12 +42,11 @@ def sample_noise_levels(schedule: NoiseSchedule, batch: int, *, generator: torch
     gen_device = generator.device if generator is not None else torch.device("cpu")
     t = torch.randint(1, schedule.num_steps + 1, (batch,), generator=generator, device=gen_device)
     u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64)
-    if space == "sqrt_gamma":
-        upper, lower = schedule.table("noise_levels_prev", gen_device, torch.float64), schedule.table("noise_levels", gen_device, torch.float64)
-        level = lower[t - 1] + u * (upper[t - 1] - lower[t - 1])
-    else:
-        upper, lower = schedule.table("gammas_prev", gen_device, torch.float64), schedule.table("gammas", gen_device, torch.float64)
-        level = torch.sqrt(lower[t - 1] + u * (upper[t - 1] - lower[t - 1]))
+    prev_name, name = ("noise_levels_prev", "noise_levels") if space == "sqrt_gamma" else ("gammas_prev", "gammas")
+    upper = schedule.table(prev_name, gen_device, torch.float64)[t - 1]
+    lower = schedule.table(name, gen_device, torch.float64)[t - 1]
+    drawn = lower + u * (upper - lower)
+    level = drawn if space == "sqrt_gamma" else torch.sqrt(drawn)
     return level.to(device=device, dtype=torch.float32)
 
 
@@ -56,14 +55,16 @@ def diffusion_loss(model: nn.Module, x_up: torch.Tensor, y0: torch.Tensor, sched
                    level_space: str | None = None) -> torch.Tensor:
     """Mean of |f(x, y~, level) - eps|^p over every element (eq. 6), p in {1, 2}.
 
-    `level_space` defaults to the model's `config.noise_level_input` when it has one.
+    `level_space` defaults to the model's `config.noise_level_input` when it has one (looking
+    through a DistributedDataParallel wrapper's `.module`).
     """
     if p not in (1, 2):
         raise ValueError(f"diffusion_loss: p must be 1 or 2; got {p!r}")
     if x_up.shape != y0.shape:
         raise ValueError(f"diffusion_loss: x_up {tuple(x_up.shape)} and y0 {tuple(y0.shape)} differ in shape")
     if level_space is None:
-        level_space = getattr(getattr(model, "config", None), "noise_level_input", "sqrt_gamma")
+        config = getattr(getattr(model, "module", model), "config", None)
+        level_space = getattr(config, "noise_level_input", "sqrt_gamma")
     levels = sample_noise_levels(schedule, y0.shape[0], generator=generator, device=y0.device, space=level_space)
     noise = randn(tuple(y0.shape), generator, y0.device, y0.dtype)
     y_noisy = q_sample(y0, levels, noise)

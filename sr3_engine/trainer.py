@@ -1,0 +1,310 @@
+"""The training machinery behind `python -m sr3_engine.train`: one step, EMA, validation,
+checkpoints, and the loop, for a single process or one rank of a torchrun job.
+
+Resume is exact because no random draw depends on history. The data (image order,
+crops, flips, blur) is a function of the seed and each sample's position in the run
+(data.py); the noise levels, noise and dropout of step s on rank r come from generators
+re-seeded from (seed, rank, s) at the start of that step. A checkpoint therefore records
+the step and the data position instead of generator states: that is the complete RNG
+state, it is the same on every rank, and it stays valid when the number of DataLoader
+workers changes. With DDP every rank applies the same averaged gradients, so the ranks'
+weights stay identical; the run checks that at the end with a checksum per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from . import metrics
+from .config import UNetConfig
+from .data import CropDataset, StreamBatchSampler, derive_seed, make_loader, make_lr
+from .diffusion import diffusion_loss
+from .engine import SR3Engine
+from .schedules import NoiseSchedule
+from .unet import SR3UNet
+
+# A test hook: the process SIGKILLs itself right after its Nth checkpoint, so a test can
+# "crash" at an exact, known point.
+KILL_AFTER_SAVE_ENV = "SR3_ENGINE_TRAIN_KILL_AFTER_SAVE"
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def start_processes(device: torch.device) -> Processes:
+    """One process alone, or one rank of a torchrun job (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return Processes(rank, world_size, device)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training step touches. `model` is the bare network, `net` what is
+    called (the DDP wrapper under torchrun)."""
+
+    args: argparse.Namespace
+    procs: Processes
+    config: UNetConfig
+    model: SR3UNet
+    net: nn.Module
+    ema: SR3UNet
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    train_schedule: NoiseSchedule
+    inference_schedule: NoiseSchedule
+    noise: torch.Generator
+    amp_dtype: torch.dtype | None
+    step: int = 0
+    data_position: int = 0
+    data_fingerprint: str = ""
+    saves: int = 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out)
+
+
+def amp_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
+    if args.amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return AMP_DTYPES.get(args.amp)
+
+
+def build_run(args: argparse.Namespace, config: UNetConfig, procs: Processes,
+              schedules: tuple[NoiseSchedule, NoiseSchedule], state: dict[str, Any] | None) -> Run:
+    """A fresh run seeded from --seed, or the run saved in `state`."""
+    device = procs.device
+    torch.manual_seed(derive_seed(args.seed, "init"))
+    model = SR3UNet(config).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    warmup = args.warmup_steps
+
+    def warmup_factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor)
+    dtype = amp_dtype(args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    train_schedule, inference_schedule = schedules
+    run = Run(args, procs, config, model, model, ema, optimizer, scheduler, scaler, train_schedule,
+              inference_schedule, torch.Generator(device), dtype)
+    if state is not None:
+        restore(run, state)
+    if procs.world_size > 1:
+        run.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return run
+
+
+def restore(run: Run, state: dict[str, Any]) -> None:
+    run.model.load_state_dict(state["model"])
+    run.ema.load_state_dict(state["ema"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])
+    run.step, run.data_position = int(state["step"]), int(state["data_position"])
+
+
+def training_state(run: Run) -> dict[str, Any]:
+    return {
+        "step": run.step,
+        "data_position": run.data_position,
+        "data_fingerprint": run.data_fingerprint,
+        "args": {k: v for k, v in vars(run.args).items() if k != "resume"},
+        "model_config": run.config.to_dict(),
+        "model": run.model.state_dict(),
+        "ema": run.ema.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
+    }
+
+
+def autocast(run: Run) -> contextlib.AbstractContextManager:
+    if run.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(run.procs.device.type, dtype=run.amp_dtype)
+
+
+def train_step(run: Run, x_up: torch.Tensor, y0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimiser step; returns (loss, gradient norm before clipping, learning rate used)."""
+    args, rank = run.args, run.procs.rank
+    torch.manual_seed(derive_seed(args.seed, "dropout", rank, run.step))
+    run.noise.manual_seed(derive_seed(args.seed, "noise", rank, run.step))
+    lr = run.optimizer.param_groups[0]["lr"]
+    with autocast(run):
+        # The DDP wrapper hides model.config, so the noise-level space is passed explicitly.
+        loss = diffusion_loss(run.net, x_up, y0, run.train_schedule, 1 if args.loss == "l1" else 2,
+                              generator=run.noise, level_space=run.config.noise_level_input)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip or float("inf"))
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    update_ema(run.ema, run.model, min(args.ema_decay, (1 + run.step) / (10 + run.step)))
+    run.step += 1
+    return loss.detach(), grad_norm.detach(), lr
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def mean_over_ranks(value: torch.Tensor, procs: Processes) -> float:
+    if procs.world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= procs.world_size
+    return float(value)
+
+
+def engine_for(run: Run) -> SR3Engine:
+    # The EMA model already lives on the device in float32, so the engine uses it in place.
+    return SR3Engine(run.ema, schedule=run.inference_schedule, scale=run.args.scale, device=run.procs.device,
+                     progress=False)
+
+
+def validate(run: Run, hr: torch.Tensor) -> dict[str, float]:
+    """Sample the validation crops with the EMA weights and a fixed seed; mean metrics."""
+    lr = make_lr(hr, run.args.scale)
+    generator = torch.Generator().manual_seed(derive_seed(run.args.seed, "validation"))
+    sr = engine_for(run).sample(lr, generator=generator)
+    return {"psnr": float(metrics.psnr(sr, hr).mean()), "ssim": float(metrics.ssim(sr, hr).mean()),
+            "consistency": float(metrics.consistency(sr, lr, run.args.scale).mean())}
+
+
+def save_checkpoint(run: Run, log: ckpt.JsonlLog | None) -> None:
+    """Rank 0 writes model/ (EMA weights) then state.pt; every rank waits for it."""
+    run.procs.barrier()
+    if run.procs.is_main:
+        bad = [name for name, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise RuntimeError(f"{run.out}: not saving step {run.step}: parameter {bad[0]} is not finite")
+        tag = f"{os.getpid()}-{run.step}"
+        ckpt.save_model_dir(engine_for(run), run.out / ckpt.MODEL_DIR, tag)
+        ckpt.save_state(run.out / ckpt.STATE_FILE, training_state(run))
+        if log is not None:
+            log.write({"type": "checkpoint", "step": run.step, "time": time.time()})
+    run.procs.barrier()
+    run.saves += 1
+    if os.environ.get(KILL_AFTER_SAVE_ENV) == str(run.saves):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def replica_checksums(run: Run) -> list[str]:
+    """sha256 of every rank's raw weights, so a log shows that the replicas stayed identical."""
+    digest = hashlib.sha256()
+    for tensor in run.model.state_dict().values():
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    checksums = [digest.hexdigest()] * run.procs.world_size
+    if run.procs.world_size > 1:
+        dist.all_gather_object(checksums, digest.hexdigest())
+    return checksums
+
+
+def is_due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def batches(run: Run, paths: list[Path]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    args, procs = run.args, run.procs
+    dataset = CropDataset(paths, args.hr_size, args.scale, args.seed, args.blur_sigma)
+    sampler = StreamBatchSampler(len(paths), args.batch_size, args.seed, rank=procs.rank,
+                                 world_size=procs.world_size, start_position=run.data_position)
+    workers = args.num_workers
+    if workers is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        workers = min(4, max(1, (os.cpu_count() or 1) // local - 1)) if procs.device.type == "cuda" else 0
+    for x_up, y0 in make_loader(dataset, sampler, num_workers=workers, pin_memory=procs.device.type == "cuda"):
+        run.data_position += sampler.samples_per_step
+        yield x_up.to(procs.device, non_blocking=True), y0.to(procs.device, non_blocking=True)
+
+
+def train_record(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
+                 since: tuple[float, int]) -> dict[str, Any]:
+    """The log record of this step (loss averaged over ranks); raises if the loss is not finite."""
+    value = mean_over_ranks(loss, run.procs)
+    if not math.isfinite(value):
+        raise RuntimeError(f"{run.out}: training diverged: loss is {value} at step {run.step}")
+    now = time.time()
+    rate = (run.step - since[1]) / max(now - since[0], 1e-9)
+    return {"type": "train", "step": run.step, "loss": value, "lr": lr, "grad_norm": float(grad_norm),
+            "steps_per_s": rate, "time": now}
+
+
+def train_loop(run: Run, paths: list[Path], val_hr: torch.Tensor | None, log: ckpt.JsonlLog | None) -> None:
+    """Steps until --steps; rank 0 (which alone holds `val_hr` and `log`) validates and writes."""
+    args = run.args
+    data = batches(run, paths)
+    bar = tqdm(total=args.steps, initial=run.step, unit="step", desc="training", disable=not run.procs.is_main)
+    since = (time.time(), run.step)
+    try:
+        while run.step < args.steps:
+            loss, grad_norm, lr = train_step(run, *next(data))
+            if is_due(run.step, args.log_every, args.steps):
+                record = train_record(run, loss, grad_norm, lr, since)
+                since = (record["time"], run.step)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                if log is not None:
+                    log.write(record)
+            if args.val_data and is_due(run.step, args.val_every, args.steps):
+                if log is not None:
+                    log.write({"type": "validation", "step": run.step, "time": time.time(), **validate(run, val_hr)})
+                run.procs.barrier()
+            if is_due(run.step, args.save_every, args.steps):
+                save_checkpoint(run, log)
+            bar.update(1)
+    finally:
+        bar.close()
+        data.close()
+
+
+def finish(run: Run, log: ckpt.JsonlLog | None) -> None:
+    """Write the final record with every rank's weight checksum; fail if the replicas differ."""
+    checksums = replica_checksums(run)
+    if log is not None:
+        log.write({"type": "done", "step": run.step, "time": time.time(), "weights_sha256": checksums})
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"{run.out}: the ranks' weights diverged: {checksums}")

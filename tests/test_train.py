@@ -1,0 +1,231 @@
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import sr3_engine as sr3
+from sr3_engine import checkpoint, data, train
+from sr3_engine.trainer import KILL_AFTER_SAVE_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--config", "tiny", "--scale", "4", "--hr-size", "32", "--batch-size", "2", "--log-every", "1",
+        "--warmup-steps", "2", "--sample-steps", "4", "--seed", "7"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Training processes in these tests (in-process and child) use one thread each: on a
+    # small shared machine, oversubscribed OpenMP threads slow tiny convolutions a hundredfold.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _gradient_image(index: int, size: int = 48) -> Image.Image:
+    y, x = np.mgrid[0:size, 0:size]
+    rgb = np.stack([(x * 5 + index * 20) % 256, (y * 4 + index * 30) % 256, ((x + y) * 3 + index * 7) % 256], -1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """Six 48x48 gradient images (two in a subfolder) and one 16x16 image too small to crop."""
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    for i in range(6):
+        _gradient_image(i).save(root / ("sub" if i >= 4 else "") / f"{i}.png")
+    _gradient_image(9, size=16).save(root / "small.png")
+    return root
+
+
+def _states_equal(a: dict, b: dict) -> list[str]:
+    """Names of the tensors that differ between two training states' model and EMA weights."""
+    return [f"{part}.{name}" for part in ("model", "ema") for name in a[part]
+            if not torch.equal(a[part][name], b[part][name])]
+
+
+def _load(out: Path) -> dict:
+    return torch.load(out / checkpoint.STATE_FILE, weights_only=True)
+
+
+def _records(out: Path, kind: str) -> list[dict]:
+    lines = (out / checkpoint.LOG_FILE).read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+def _cli(args: list[str], env: dict[str, str] | None = None, module: list[str] | None = None):
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [sys.executable, *(module or ["-m", "sr3_engine.train"]), *args]
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=240)
+
+
+def test_short_run_writes_a_loadable_model_and_a_log(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train.main(["--data", str(images), "--val-data", str(images / "sub"), "--out", str(out),
+                       "--steps", "4", "--save-every", "2", "--val-every", "2", *TINY])
+    assert code == 0
+    assert "skipped 1 image(s)" in capsys.readouterr().err
+
+    engine = sr3.SR3Engine.from_pretrained(out / checkpoint.MODEL_DIR)
+    assert engine.scale == 4 and engine.schedule.num_steps == 4
+    hr = engine.sample(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+                       generator=torch.Generator().manual_seed(0))
+    assert hr.shape == (1, 3, 32, 32) and torch.isfinite(hr).all()
+    state = _load(out)
+    saved = load_file(str(out / checkpoint.MODEL_DIR / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in state["ema"].items()), "model/ must hold the EMA weights"
+
+    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3, 4]
+    validations = _records(out, "validation")
+    assert [r["step"] for r in validations] == [2, 4]
+    assert all(np.isfinite([r["psnr"], r["ssim"], r["consistency"]]).all() for r in validations)
+    assert [r["step"] for r in _records(out, "checkpoint")] == [2, 4]
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "model", "state.pt"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_and_resumed_run_ends_bit_identical(images, tmp_path, workers):
+    # Dropout and blur make every source of randomness count.
+    config = tmp_path / "tiny-dropout.json"
+    config.write_text(json.dumps({**sr3.UNetConfig.named("tiny").to_dict(), "dropout": 0.1}))
+    args = ["--data", str(images), *TINY, "--config", str(config), "--steps", "6", "--save-every", "3",
+            "--blur-sigma", "1.0", "--num-workers", str(workers)]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    assert train.main([*args, "--out", str(reference)]) == 0
+
+    killed = _cli([*args, "--out", str(resumed)], env={KILL_AFTER_SAVE_ENV: "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert _load(resumed)["step"] == 3
+    assert train.main(["--out", str(resumed), "--resume"]) == 0
+
+    assert _load(resumed)["step"] == 6
+    assert _states_equal(_load(reference), _load(resumed)) == []
+    assert ([r["loss"] for r in _records(reference, "train")] == [r["loss"] for r in _records(resumed, "train")])
+
+
+def test_resume_extends_a_run_and_refuses_to_change_it(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--data", str(images), "--out", str(out), "--steps", "2", *TINY]) == 0
+    assert train.main(["--data", str(images), "--out", str(out), "--steps", "2", *TINY]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert train.main(["--out", str(out), "--resume", "--lr", "1e-3", "--steps", "3"]) == 2
+    assert "--lr differ from the saved run" in capsys.readouterr().err
+    assert train.main(["--out", str(out), "--resume", "--steps", "3"]) == 0
+    assert _load(out)["step"] == 3
+    _gradient_image(6).save(images / "6.png")
+    assert train.main(["--out", str(out), "--resume", "--steps", "4"]) == 0
+    assert "changed since the checkpoint" in capsys.readouterr().err
+    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3, 4]
+
+
+def test_resume_from_a_corrupt_state_names_the_file(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / checkpoint.STATE_FILE).write_bytes(b"not a checkpoint")
+    assert train.main(["--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out / checkpoint.STATE_FILE) in err
+
+
+def test_two_processes_with_gloo_keep_identical_replicas(images, tmp_path):
+    out = tmp_path / "ddp"
+    result = _cli(["--nproc_per_node", "2", "--standalone", "-m", "sr3_engine.train", "--data", str(images),
+                   "--out", str(out), "--device", "cpu", "--steps", "3", "--save-every", "2", *TINY],
+                  module=["-m", "torch.distributed.run"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (done,) = _records(out, "done")
+    assert len(done["weights_sha256"]) == 2 and len(set(done["weights_sha256"])) == 1
+    digest = hashlib.sha256()
+    for tensor in _load(out)["model"].values():
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert digest.hexdigest() == done["weights_sha256"][0], "rank 0 must save the weights both ranks hold"
+    engine = sr3.SR3Engine.from_pretrained(out / checkpoint.MODEL_DIR)
+    assert all(torch.isfinite(p).all() for p in engine.model.parameters())
+    assert [r["step"] for r in _records(out, "checkpoint")] == [2, 3]
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda tmp, img: ["--data", str(tmp / "missing")], "missing: not a directory"),
+    (lambda tmp, img: ["--data", str(tmp / "empty")], "empty: no images found"),
+    (lambda tmp, img: ["--data", str(img), "--config", "huge"], "--config 'huge': not a named config"),
+    (lambda tmp, img: ["--data", str(img), "--hr-size", "30"], "not divisible by --scale"),
+    (lambda tmp, img: ["--data", str(img), "--hr-size", "64"], "no image is at least 64x64"),
+])
+def test_bad_arguments_give_one_line_and_exit_code_2(images, tmp_path, capsys, make_args, message):
+    (tmp_path / "empty").mkdir()
+    args = [*TINY, *make_args(tmp_path, images), "--out", str(tmp_path / "out"), "--steps", "1"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("sr3_engine.train: error: ") and message in err[-1]
+    assert not (tmp_path / "out" / checkpoint.STATE_FILE).exists()
+
+
+def test_the_command_line_exits_with_code_2(tmp_path):
+    result = _cli(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--config", "tiny"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"sr3_engine.train: error: {tmp_path / 'missing'}: not a directory"
+
+
+def test_ranks_split_every_step_and_each_epoch_visits_every_image():
+    samplers = [iter(data.StreamBatchSampler(5, 3, seed=1, rank=r, world_size=2)) for r in range(2)]
+    steps = [[next(s) for s in samplers] for _ in range(5)]
+    positions = [p for step in steps for batch in step for p, _ in batch]
+    assert sorted(positions) == list(range(30))
+    stream = dict(p_i for step in steps for batch in step for p_i in batch)
+    for epoch in range(6):
+        assert sorted(stream[p] for p in range(epoch * 5, epoch * 5 + 5)) == list(range(5))
+    resumed = next(iter(data.StreamBatchSampler(5, 3, seed=1, rank=1, world_size=2, start_position=12)))
+    assert resumed == steps[2][1]
+
+
+def test_samples_depend_only_on_their_key(images):
+    paths = data.usable_images(images, 32)
+    dataset = data.CropDataset(paths, 32, 4, seed=5, blur_sigma=2.0)
+    x_up, y0 = dataset[(11, 2)]
+    assert torch.equal(x_up, dataset[(11, 2)][0]) and torch.equal(y0, dataset[(11, 2)][1])
+    assert not torch.equal(y0, dataset[(12, 2)][1])
+    assert x_up.shape == y0.shape == (3, 32, 32) and -1.0 <= float(x_up.min()) and float(x_up.max()) <= 1.0
+
+
+def test_an_image_that_fails_to_decode_is_replaced_by_the_next(images, tmp_path, capsys):
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, format="PNG")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])  # the header parses, the pixels do not
+    dataset = data.CropDataset([truncated, images / "1.png"], 32, 4, seed=0)
+    x_up, y0 = dataset[(0, 0)]
+    assert torch.isfinite(x_up).all() and y0.shape == (3, 32, 32)
+    err = capsys.readouterr().err
+    assert str(truncated) in err and "truncated" in err and "using the next image" in err
+
+
+def test_gaussian_blur_keeps_constant_images_and_mass():
+    flat = torch.full((1, 3, 5, 7), 0.3)
+    assert torch.allclose(data.gaussian_blur(flat, 2.5), flat, atol=1e-6)
+    spike = torch.zeros(1, 1, 21, 21)
+    spike[..., 10, 10] = 1.0
+    blurred = data.gaussian_blur(spike, 1.0)
+    assert blurred.sum().item() == pytest.approx(1.0, abs=1e-6) and blurred.max().item() < 0.2
+
+
+def test_a_swap_cut_short_by_a_kill_leaves_the_previous_model(tmp_path):
+    target = tmp_path / "model"
+    retired = tmp_path / ".model.1-3.old"
+    retired.mkdir()
+    (retired / "config.json").write_text("{}")
+    (tmp_path / ".model.1-6.tmp").mkdir()
+    checkpoint.recover_model_dir(target)
+    assert (target / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
