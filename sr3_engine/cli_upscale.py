@@ -83,6 +83,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help="model directory or bundled model name")
     parser.add_argument("--steps", type=positive_int, help="sampling steps (default: the model's schedule)")
     parser.add_argument("--sampler", choices=SAMPLERS, help="default: the model's sampler")
+    parser.add_argument("--strength", type=float, help="fraction of the schedule run from the diffused input "
+                        "(1 = from pure noise); default: the model's")
     parser.add_argument("--backend", choices=ENGINE_BACKENDS, default="eager", help="engine backend")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images of one size sampled together")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (see the module docs)")
@@ -211,6 +213,11 @@ def load_engine(args: argparse.Namespace, device: torch.device, show_progress: b
             raise UsageError(f"--steps {args.steps}: {error}") from None
     if args.sampler is not None:
         engine.sampler = dataclasses.replace(engine.sampler, name=args.sampler)
+    if args.strength is not None:
+        try:
+            engine.sampler = dataclasses.replace(engine.sampler, strength=args.strength)
+        except ValueError as error:
+            raise UsageError(f"--strength: {error}") from None
     return engine
 
 

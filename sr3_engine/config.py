@@ -155,15 +155,24 @@ class SamplerConfig(_JsonConfig):
 
     `sigma="posterior"` uses the posterior standard deviation of eq. 4, `"beta"` the
     paper's sqrt(1 - alpha_t). `eta` only applies to DDIM (0 = deterministic).
+
+    `strength` is the fraction of the schedule that is run. At 1 the reverse process starts
+    from pure noise (SR3). Below 1 it starts from the bicubic condition diffused to the
+    noise level of the first step run, y = sqrt(gamma) x_up + sqrt(1 - gamma) z, and runs
+    only the remaining steps (the warm start of Chung et al. 2022, "Come-Closer-Diffuse-
+    Faster"): fewer steps, and the low frequencies come from the input.
     """
 
     name: str = "ancestral"
     clip: bool = True
     sigma: str = "posterior"
     eta: float = 0.0
+    strength: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice("SamplerConfig", "name", self.name, SAMPLERS)
         _check_choice("SamplerConfig", "sigma", self.sigma, SIGMA_KINDS)
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"SamplerConfig.eta must be in [0, 1]; got {self.eta}")
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"SamplerConfig.strength must be in (0, 1]; got {self.strength}")

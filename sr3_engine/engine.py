@@ -25,7 +25,7 @@ from .backends import create_backend
 from .config import SamplerConfig, ScheduleConfig, UNetConfig
 from .diffusion import randn
 from .io import atomic_path, pil_to_tensor, tensor_to_pil
-from .samplers import StepCallback, make_plan
+from .samplers import StepCallback, initial_state, make_plan
 from .schedules import NoiseSchedule
 from .unet import SR3UNet
 
@@ -136,7 +136,7 @@ class SR3Engine:
         pad_h, pad_w = (-height) % multiple, (-width) % multiple
         if pad_h or pad_w:
             x_up = F.pad(x_up, (0, pad_w, 0, pad_h), mode="replicate")
-        y_T = randn(tuple(x_up.shape), generator, self.device)
+        y_T = initial_state(plan, x_up, randn(tuple(x_up.shape), generator, self.device))
 
         with tqdm(total=plan.num_steps, desc="sampling", unit="step", disable=not self.progress,
                   leave=False) as bar:

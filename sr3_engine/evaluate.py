@@ -126,6 +126,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=1, help="draws per image; scores are their mean")
     parser.add_argument("--crop", type=int, default=256, help="HR centre-crop size (a multiple of --scale)")
     parser.add_argument("--sampler", choices=("ancestral", "ddim"), default=None)
+    parser.add_argument("--strength", type=float, default=None, help="warm-start fraction (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--device", default="cpu")
@@ -155,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.sampler is not None:
         engine.sampler = dataclasses.replace(engine.sampler, name=args.sampler)
+    if args.strength is not None:
+        engine.sampler = dataclasses.replace(engine.sampler, strength=args.strength)
 
     started = time.perf_counter()
     hr = load_centre_crops(paths, args.crop)

@@ -45,10 +45,19 @@ class SamplingPlan:
     coef2: np.ndarray
     sigma: np.ndarray
     clip: bool
+    warm_start: bool = False
 
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
+
+    def last(self, n: int) -> "SamplingPlan":
+        """The plan's final n steps (the warm start of SamplerConfig.strength)."""
+        keep = slice(self.num_steps - n, None)
+        return dataclasses.replace(self, warm_start=n < self.num_steps, **{
+            f.name: getattr(self, f.name)[keep].copy()
+            for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), np.ndarray)
+        })
 
     def step_kwargs(self, i: int) -> dict[str, float]:
         return {
@@ -97,7 +106,19 @@ PLANNERS: dict[str, Callable[[NoiseSchedule, SamplerConfig], SamplingPlan]] = {
 
 
 def make_plan(schedule: NoiseSchedule, config: SamplerConfig) -> SamplingPlan:
-    return PLANNERS[config.name](schedule, config)
+    plan = PLANNERS[config.name](schedule, config)
+    if config.strength < 1.0:
+        plan = plan.last(max(1, round(config.strength * plan.num_steps)))
+    return plan
+
+
+def initial_state(plan: SamplingPlan, x_up: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """y at the plan's first step: pure noise when the plan runs the whole schedule (SR3
+    treats gamma_T as 0), else x_up diffused to the first step's level by q(y_t | y_0)."""
+    if not plan.warm_start:
+        return noise
+    level = float(plan.noise_level[0])
+    return level * x_up.float() + (1.0 - level * level) ** 0.5 * noise
 
 
 def run_plan(model: nn.Module, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,

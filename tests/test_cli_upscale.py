@@ -222,3 +222,12 @@ def test_torchrun_two_ranks_share_the_work_and_the_exit_code(tmp_path, model_dir
     succeeded = torchrun(tmp_path / "out2")
     assert succeeded.returncode == 0, succeeded.stderr
     assert succeeded.stdout.strip() == f"3 written to {tmp_path / 'out2'}, 0 failed"
+
+
+
+def test_strength_is_a_sampler_option(tmp_path, model_dir, capsys):
+    image = _save_rgb(tmp_path / "a.png")
+    assert _upscale(model_dir, str(image), "-o", str(tmp_path / "out"), "--strength", "0.5") == 0
+    assert (tmp_path / "out" / "a.png").is_file()
+    assert _upscale(model_dir, str(image), "-o", str(tmp_path / "out2"), "--strength", "0") == 2
+    assert "--strength" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sr3_engine as sr3
-from sr3_engine.samplers import ancestral_plan, ddim_plan, run_plan
+from sr3_engine.samplers import ancestral_plan, ddim_plan, initial_state, run_plan
 
 from .conftest import oracle_denoiser
 
@@ -102,3 +102,29 @@ def test_a_non_finite_output_names_the_step():
     with pytest.raises(FloatingPointError, match=r"step 3 of 5 \(t=3"):
         run_plan(breaks_at_third_call, torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2), plan,
                  generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("config", [sr3.SamplerConfig(strength=0.3), sr3.SamplerConfig("ddim", strength=0.5)])
+def test_oracle_recovers_y0_from_a_warm_start(config):
+    g = torch.Generator().manual_seed(2)
+    y0 = torch.rand(1, 3, 6, 6, generator=g) * 1.8 - 0.9
+    x_up = (y0 + 0.05 * torch.randn(y0.shape, generator=g)).clamp(-1, 1)
+    plan = sr3.make_plan(sr3.NoiseSchedule.linear(40, 1e-4, 0.1), config)
+    y_start = initial_state(plan, x_up, torch.randn(y0.shape, generator=g))
+    out = run_plan(oracle_denoiser(y0), x_up, y_start, plan, generator=g)
+    assert (out - y0).abs().max().item() < 1e-3
+
+
+def test_strength_runs_the_last_steps_from_the_diffused_condition():
+    schedule = sr3.NoiseSchedule.linear(20, 1e-4, 0.1)
+    full = sr3.make_plan(schedule, sr3.SamplerConfig())
+    warm = sr3.make_plan(schedule, sr3.SamplerConfig(strength=0.25))
+    assert warm.num_steps == 5 and warm.warm_start and not full.warm_start
+    np.testing.assert_array_equal(warm.timesteps, [5, 4, 3, 2, 1])
+    np.testing.assert_array_equal(warm.coef1, full.coef1[-5:])
+    x_up, z = torch.full((1, 3, 2, 2), 0.5), torch.ones(1, 3, 2, 2)
+    level = schedule.noise_levels[4]
+    torch.testing.assert_close(initial_state(warm, x_up, z), torch.full_like(z, 0.5 * level + (1 - level**2) ** 0.5))
+    torch.testing.assert_close(initial_state(full, x_up, z), z)
+    with pytest.raises(ValueError, match="strength"):
+        sr3.SamplerConfig(strength=0.0)
