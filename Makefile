@@ -1,29 +1,55 @@
 # `make test` and friends create .venv when it is missing. On a CPU-only machine torch is
-# installed first, pinned, so that no dependency resolution can pull a CUDA build.
+# installed first, pinned, so that no dependency resolution can pull a CUDA build. The editable
+# install builds the C++ extension sr3_engine._C (setup.py + CMakeLists.txt), again whenever
+# csrc/ changes; the test targets require it (SR3_ENGINE_REQUIRE_EXT=1) and compile-check every
+# CUDA source with nvcc when nvcc exists (check-cuda).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# Pinned to what the GPU machines run; the CPU interpreter (TRITON_INTERPRET=1) tests the kernels here.
+TRITON_SPEC ?= triton==3.6.0
+# Triton kernels run for real on a GPU and in the interpreter without one.
+TRITON_INTERPRET_DEFAULT = $$($(PY) -c 'import torch; print(int(not torch.cuda.is_available()))')
 PYTEST_ARGS ?= -m "not slow"
+NVCC ?= $(shell command -v nvcc 2>/dev/null)
+CUDA_ARCH ?= sm_90
+CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
+EXT_SOURCES := CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test test-all clean
+.PHONY: install test test-all check-cuda demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(PY) pyproject.toml setup.py
+$(VENV)/.installed: $(PY) pyproject.toml setup.py $(EXT_SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install --upgrade "setuptools>=64" wheel
+	$(PY) -m pip install --upgrade "setuptools>=64" wheel "pybind11>=2.12"
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install "$(TRITON_SPEC)"
 	$(PY) -m pip install --no-build-isolation -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
 
-test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+test: install check-cuda
+	SR3_ENGINE_REQUIRE_EXT=1 TRITON_INTERPRET=$${TRITON_INTERPRET:-$(TRITON_INTERPRET_DEFAULT)} \
+		$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
-test-all: install
-	$(PY) -m pytest -q tests
+test-all: install check-cuda
+	SR3_ENGINE_REQUIRE_EXT=1 TRITON_INTERPRET=$${TRITON_INTERPRET:-$(TRITON_INTERPRET_DEFAULT)} \
+		$(PY) -m pytest -q tests
+
+# Compiles each .cu alone (no torch) into a temporary directory that is removed afterwards.
+check-cuda:
+	@if [ -z "$(NVCC)" ]; then echo "check-cuda: nvcc not found, skipping the CUDA compile check"; exit 0; fi; \
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	for source in $(CUDA_SOURCES); do \
+		echo "$(NVCC) -c -arch=$(CUDA_ARCH) $$source"; \
+		"$(NVCC)" -c -arch=$(CUDA_ARCH) -std=c++17 -o "$$tmp/$$(basename $$source).o" "$$source" || exit 1; \
+	done
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache sr3_engine/_C*.so
+
+demo: install
+	$(PY) -m sr3_engine.demo

@@ -70,7 +70,7 @@ class SR3Engine:
     def __init__(self, model: nn.Module, schedule: NoiseSchedule | None = None, scale: int = 4, *,
                  backend: str = "eager", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, sampler: str | SamplerConfig = "ancestral",
-                 progress: bool = True, op_backend: str = "auto"):
+                 progress: bool = True, op_backend: str = "auto", backend_options: dict[str, Any] | None = None):
         if not isinstance(scale, int) or scale < 1:
             raise ValueError(f"SR3Engine: scale must be a positive integer; got {scale!r}")
         if dtype not in ENGINE_DTYPES:
@@ -82,7 +82,7 @@ class SR3Engine:
         self.dtype = dtype
         self.progress = progress
         self.model = model
-        self.backend = create_backend(backend, model, self.device, dtype, op_backend)
+        self.backend = create_backend(backend, model, self.device, dtype, op_backend, backend_options)
 
     @property
     def size_multiple(self) -> int:

@@ -11,6 +11,7 @@ equations; tests compare every backend against it.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Callable
 
@@ -205,3 +206,34 @@ def posterior_step(y_t: torch.Tensor, eps: torch.Tensor, *, sqrt_recip_gamma: fl
         y_t, eps, float(sqrt_recip_gamma), float(sqrt_recipm1_gamma), float(coef1), float(coef2),
         float(sigma), noise, seed, int(step), clip,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# The Triton backend registers itself when its kernels import (package sr3_engine.kernels,
+# built from kernels/); without Triton the reason is kept for the errors callers see.
+# ---------------------------------------------------------------------------------------
+
+
+def _load_triton_kernels() -> None:
+    try:
+        importlib.import_module(f"{__package__}.kernels")
+    except ImportError as error:
+        mark_unavailable("triton", f"the Triton kernels could not be imported ({error})")
+
+
+_load_triton_kernels()
+
+
+# ---------------------------------------------------------------------------------------
+# The C++ backend registers itself from sr3_engine._ext when the extension sr3_engine._C
+# imports; otherwise the reason (not built, SR3_ENGINE_SKIP_EXT=1, import error) is kept.
+# ---------------------------------------------------------------------------------------
+
+
+def _load_cpp_extension() -> None:
+    reason = importlib.import_module(f"{__package__}._ext").register_cpp_backend()
+    if reason is not None:
+        mark_unavailable("cpp", reason)
+
+
+_load_cpp_extension()

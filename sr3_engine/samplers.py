@@ -139,6 +139,12 @@ def run_plan(model: nn.Module, x_up: torch.Tensor, y_T: torch.Tensor, plan: Samp
         nonfinite[i] = ~torch.isfinite(y).all()
         if callback is not None:
             callback(i, plan.num_steps, y)
+    raise_if_nonfinite(nonfinite, plan)
+    return y
+
+
+def raise_if_nonfinite(nonfinite: torch.Tensor, plan: SamplingPlan) -> None:
+    """Raise FloatingPointError naming the first step whose flag in `nonfinite` is set."""
     if bool(nonfinite.any()):
         first = int(nonfinite.nonzero()[0])
         raise FloatingPointError(
@@ -146,7 +152,6 @@ def run_plan(model: nn.Module, x_up: torch.Tensor, y_T: torch.Tensor, plan: Samp
             f"(t={int(plan.timesteps[first])}, noise level {plan.noise_level[first]:.4g}); "
             "the model's output is not finite there: check the weights, or sample in float32"
         )
-    return y
 
 
 def ancestral(model: nn.Module, x_up: torch.Tensor, y_T: torch.Tensor, schedule: NoiseSchedule, *,

@@ -164,3 +164,42 @@ def test_a_config_with_wrong_values_names_the_file(tiny_model, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(document))
     with pytest.raises(ValueError, match="config.json: UNetConfig"):
         sr3.SR3Engine.from_pretrained(tmp_path)
+
+
+def test_fused_backend_on_cpu_matches_eager(tiny_model):
+    import copy
+
+    eager = _engine(copy.deepcopy(tiny_model), scale=4)
+    fused = _engine(copy.deepcopy(tiny_model), scale=4, backend="fused")
+    lr = torch.rand(2, 3, 5, 6)
+    torch.testing.assert_close(fused.sample(lr, generator=_seeded(4)), eager.sample(lr, generator=_seeded(4)),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-3), (torch.bfloat16, 6e-2)])
+def test_fused_graphs_match_eager_with_the_same_noise(tiny_model, dtype, tolerance):
+    import copy
+
+    eager = _engine(copy.deepcopy(tiny_model), scale=4, device="cuda", dtype=dtype)
+    fused = _engine(copy.deepcopy(tiny_model), scale=4, device="cuda", dtype=dtype, backend="fused",
+                    backend_options={"in_kernel_noise": False, "max_graphs": 2})
+    lr = torch.rand(2, 3, 8, 8)
+    for _ in range(2):  # the second call replays the captured graph
+        torch.testing.assert_close(fused.sample(lr, generator=_seeded(4)), eager.sample(lr, generator=_seeded(4)),
+                                   rtol=0, atol=tolerance)
+    assert fused.backend.cached_graphs == 1
+    for size in (4, 12):
+        fused.sample(torch.rand(1, 3, size, size), generator=_seeded())
+    assert fused.backend.cached_graphs == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_in_kernel_noise_is_seeded(tiny_model):
+    fused = _engine(tiny_model, scale=4, device="cuda", dtype=torch.bfloat16, backend="fused")
+    lr = torch.rand(1, 3, 8, 8)
+    a = fused.sample(lr, generator=_seeded(1))
+    torch.testing.assert_close(a, fused.sample(lr, generator=_seeded(1)), rtol=0, atol=0)
+    assert not torch.equal(a, fused.sample(lr, generator=_seeded(2)))

@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written (```python blocks; ```py marks GPU-only snippets)."""
 
 import re
 from pathlib import Path

@@ -1,0 +1,213 @@
+"""One reverse-diffusion update (ancestral or DDIM) as a single Triton pass.
+
+Math, elementwise, in float32 whatever the input dtypes:
+
+    y0_hat = y_t * sqrt_recip_gamma - eps * sqrt_recipm1_gamma      (clamped to [-1, 1] if clip)
+    out    = coef1 * y0_hat + coef2 * y_t + sigma * z
+
+DDIM is the same update with its own coef1, coef2 and sigma. y_t and eps are read once and
+out written once; z is either read from a given `noise` tensor or drawn inside the kernel,
+so no noise tensor is ever materialised:
+
+    Philox4x32-10 with key = seed and counter = (q mod 2**32, q // 2**32, step mod 2**32,
+    step // 2**32), q = i // 4 for element i; its four words become four normals by two
+    Box-Muller transforms, and element i takes the (i mod 4)-th. On the GPU the transforms use
+    the hardware's approximate log, sin and cos (errors ~1e-6, irrelevant to noise; the
+    interpreter has no such functions and uses the precise ones, so values differ slightly).
+
+So z depends only on (seed, step, element index): not on the block size, the grid or the
+tensor's size, and two different (seed, step) pairs never share a Philox input. The seed is
+an int or a 0-d int64 tensor on the tensors' device, read inside the kernel: a captured CUDA
+graph then draws new noise on replay after the tensor is updated in place.
+
+Limits: y_t, eps (and noise, out) of one shape on one device, float32/float16/bfloat16 each;
+out has y_t's dtype. Tensors that are not all dense in one layout (contiguous or
+channels_last) are copied to one first. Seeds are taken modulo 2**64 as signed int64.
+"""
+
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from sr3_engine import ops
+from sr3_engine.ops import posterior_step_ref  # noqa: F401  (the reference the tests hold the kernel to)
+
+from . import INTERPRETED, programs_to_fill, why_not_runnable
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Where z comes from (a constexpr of the kernel).
+_NO_NOISE = tl.constexpr(0)
+_GIVEN_NOISE = tl.constexpr(1)
+_DRAWN_NOISE = tl.constexpr(2)
+
+
+# ------------------------------------------------------------------------------------ kernel
+
+
+@triton.jit
+def _normal_pair(bits_a, bits_b, FAST_MATH: tl.constexpr):
+    """Box-Muller: two independent N(0, 1) values from two uniform 32-bit words."""
+    u = tl.maximum(tl.uint_to_uniform_float(bits_a), 1.0e-7)
+    # An angle in [-pi, pi), where the hardware sine and cosine are accurate.
+    theta = 6.283185307179586 * tl.uint_to_uniform_float(bits_b) - 3.141592653589793
+    if FAST_MATH:
+        # One SFU instruction each instead of libdevice's ~20-instruction versions: at float32
+        # bandwidth the precise ones would make the noise path compute-bound.
+        r = tl.sqrt(-2.0 * libdevice.fast_logf(u))
+        return r * libdevice.fast_cosf(theta), r * libdevice.fast_sinf(theta)
+    else:
+        r = tl.sqrt(-2.0 * tl.log(u))
+        return r * tl.cos(theta), r * tl.sin(theta)
+
+
+@triton.jit(do_not_specialize=["seed", "step"])
+def _posterior_step_kernel(y_ptr, eps_ptr, noise_ptr, out_ptr, seed_ptr, seed, step, numel,
+                           sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma,
+                           CLIP: tl.constexpr, NOISE: tl.constexpr, SEED_IN_MEMORY: tl.constexpr,
+                           FAST_MATH: tl.constexpr, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < numel - start
+    y = tl.load(y_ptr + start + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    e = tl.load(eps_ptr + start + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    y0_hat = y * sqrt_recip_gamma - e * sqrt_recipm1_gamma
+    if CLIP:
+        y0_hat = tl.minimum(tl.maximum(y0_hat, -1.0), 1.0)
+    result = coef1 * y0_hat + coef2 * y
+    if NOISE == _GIVEN_NOISE:
+        z = tl.load(noise_ptr + start + offsets, mask=mask, other=0.0, eviction_policy="evict_first")
+        result += sigma * z.to(tl.float32)
+    elif NOISE == _DRAWN_NOISE:
+        if SEED_IN_MEMORY:
+            key = tl.load(seed_ptr)
+        else:
+            key = seed.to(tl.int64)
+        step = step.to(tl.int64)
+        quad = start // 4 + tl.arange(0, BLOCK // 4)
+        zero = quad.to(tl.uint32) * 0
+        r0, r1, r2, r3 = tl.philox(key, quad.to(tl.uint32), (quad >> 32).to(tl.uint32),
+                                   zero + step.to(tl.uint32), zero + (step >> 32).to(tl.uint32))
+        n0, n1 = _normal_pair(r0, r1, FAST_MATH)
+        n2, n3 = _normal_pair(r2, r3, FAST_MATH)
+        # join puts the new axis last: this order lays out n0, n1, n2, n3 for each quad.
+        z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (BLOCK,))
+        result += sigma * z
+    tl.store(out_ptr + start + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------- launcher
+
+
+def _dense_format(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _block(numel: int, device: torch.device) -> int:
+    # ~4 programs per SM balance the tail; 512..4096 elements keep each one worth launching.
+    per_program = numel // (2 * programs_to_fill(device))
+    return min(4096, max(512, triton.next_power_of_2(per_program + 1) // 2))
+
+
+def as_int64_seed(seed: int) -> int:
+    """An int seed as the signed 64-bit value a 0-d int64 seed tensor would hold."""
+    return (int(seed) + 2**63) % 2**64 - 2**63
+
+
+def _check(y_t, eps, noise, seed, sigma, out) -> None:
+    reason = why_not_runnable(y_t)
+    if reason is not None:
+        raise ValueError(f"posterior_step (triton): y_t is on {y_t.device}: {reason}")
+    for name, tensor in (("y_t", y_t), ("eps", eps), ("noise", noise), ("out", out)):
+        if tensor is None:
+            continue
+        if tensor.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"posterior_step (triton): {name} has dtype {tensor.dtype}; "
+                             "expected float32, float16 or bfloat16")
+        if tensor.shape != y_t.shape:
+            raise ValueError(f"posterior_step (triton): {name} has shape {tuple(tensor.shape)} "
+                             f"but y_t has {tuple(y_t.shape)}")
+        if tensor.device != y_t.device:
+            raise ValueError(f"posterior_step (triton): {name} is on {tensor.device} but y_t is on {y_t.device}")
+    if out is not None and out.dtype != y_t.dtype:
+        raise ValueError(f"posterior_step (triton): out has dtype {out.dtype} but y_t has {y_t.dtype}")
+    if out is not None and not out.is_contiguous(memory_format=_dense_format(y_t)):
+        raise ValueError("posterior_step (triton): out must be dense in y_t's layout (contiguous or channels_last)")
+    if noise is not None and seed is not None:
+        raise ValueError("posterior_step (triton): give either noise or seed, not both")
+    if sigma != 0.0 and noise is None and seed is None:
+        raise ValueError("posterior_step (triton): sigma != 0 needs noise or a seed")
+    if isinstance(seed, torch.Tensor) and (seed.dtype != torch.int64 or seed.numel() != 1
+                                           or seed.device != y_t.device):
+        raise ValueError(f"posterior_step (triton): a seed tensor must be one int64 on {y_t.device}; got "
+                         f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}")
+
+
+def posterior_step_triton(y_t: torch.Tensor, eps: torch.Tensor, *, sqrt_recip_gamma: float,
+                          sqrt_recipm1_gamma: float, coef1: float, coef2: float, sigma: float,
+                          noise: Optional[torch.Tensor] = None, seed=None, step: int = 0, clip: bool = True,
+                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One update; `seed` is an int or a 0-d int64 tensor; `out` (may be y_t itself) receives
+    the result, for callers that keep static buffers such as a captured CUDA graph."""
+    _check(y_t, eps, noise, seed, sigma, out)
+    fmt = _dense_format(y_t)
+    y_t, eps = y_t.contiguous(memory_format=fmt), eps.contiguous(memory_format=fmt)
+    if out is None:
+        out = torch.empty_like(y_t, memory_format=fmt)
+    numel = y_t.numel()
+    if numel == 0:
+        return out
+    if sigma == 0.0:
+        mode, noise = _NO_NOISE, None
+    elif noise is not None:
+        mode, noise = _GIVEN_NOISE, noise.contiguous(memory_format=fmt)
+    else:
+        mode = _DRAWN_NOISE
+    seed_in_memory = isinstance(seed, torch.Tensor)
+    block = _block(numel, y_t.device)
+    with torch.cuda.device(y_t.device) if y_t.is_cuda else contextlib.nullcontext():
+        _posterior_step_kernel[(triton.cdiv(numel, block),)](
+            y_t, eps, noise, out, seed if seed_in_memory else None,
+            0 if seed_in_memory or mode != _DRAWN_NOISE else as_int64_seed(seed), int(step), numel,
+            float(sqrt_recip_gamma), float(sqrt_recipm1_gamma), float(coef1), float(coef2), float(sigma),
+            CLIP=bool(clip), NOISE=mode, SEED_IN_MEMORY=seed_in_memory, FAST_MATH=not INTERPRETED, BLOCK=block,
+            num_warps=min(8, block // 256),
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------ registration
+
+
+@torch.library.custom_op("sr3_engine::posterior_step", mutates_args=())
+def posterior_step_op(y_t: torch.Tensor, eps: torch.Tensor, noise: Optional[torch.Tensor],
+                      seed_tensor: Optional[torch.Tensor], seed: Optional[int], step: int,
+                      sqrt_recip_gamma: float, sqrt_recipm1_gamma: float, coef1: float, coef2: float,
+                      sigma: float, clip: bool) -> torch.Tensor:
+    """The kernel as an opaque op for torch.compile and CUDA graph capture; the seed is either
+    `seed_tensor` (0-d int64, read on the device) or the int `seed`."""
+    return posterior_step_triton(
+        y_t, eps, sqrt_recip_gamma=sqrt_recip_gamma, sqrt_recipm1_gamma=sqrt_recipm1_gamma, coef1=coef1,
+        coef2=coef2, sigma=sigma, noise=noise, seed=seed_tensor if seed_tensor is not None else seed,
+        step=step, clip=clip,
+    )
+
+
+@posterior_step_op.register_fake
+def _(y_t, eps, noise, seed_tensor, seed, step, sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma, clip):
+    return torch.empty_like(y_t, memory_format=_dense_format(y_t))
+
+
+def _dispatch(y_t, eps, sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma, noise, seed, step, clip):
+    seed_tensor = seed if isinstance(seed, torch.Tensor) else None
+    int_seed = None if seed is None or seed_tensor is not None else as_int64_seed(seed)
+    return posterior_step_op(y_t, eps, noise, seed_tensor, int_seed, step,
+                             sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma, clip)
+
+
+ops.register("posterior_step", "triton", _dispatch, why_not_runnable)

@@ -1,0 +1,121 @@
+"""The `cpp` op backend: loads the C++/CUDA extension sr3_engine._C and registers its operators
+(torch.ops.sr3_engine_cpp.group_norm_silu and .posterior_step) with `sr3_engine.ops`.
+
+- Runs on CPU tensors, and on CUDA tensors when the module was built with its CUDA kernels
+  (`_C.has_cuda()`); x / y_t must be contiguous or channels_last (others go to `native` under
+  `auto`, and a named `cpp` raises with that reason).
+- group_norm_silu is autograd-capable: the kernel computes the forward pass; the backward pass
+  recomputes the forward with the native op and differentiates it (exact gradients, one extra
+  forward's work and no saved activations beyond the inputs). Higher-order gradients are not supported.
+- posterior_step draws seeded noise inside the kernel with the Philox stream of csrc/philox.h
+  (the Triton backend's stream), so no noise tensor is materialised.
+- `SR3_ENGINE_SKIP_EXT=1` in the environment leaves the extension unloaded; `register_cpp_backend`
+  then, like any failed import, returns the reason that the `cpp` backend's errors will quote.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from . import ops
+
+SKIP_ENV = "SR3_ENGINE_SKIP_EXT"
+_NAMESPACE = "sr3_engine_cpp"
+
+
+def load_extension():
+    """The module sr3_engine._C, or the reason it cannot be used, as (module, None) or (None, reason)."""
+    if os.environ.get(SKIP_ENV, "0") == "1":
+        return None, f"{SKIP_ENV}=1 is set, so the C++ extension sr3_engine._C was not loaded"
+    try:
+        extension = importlib.import_module(f"{__package__}._C")
+    except ModuleNotFoundError as error:
+        if error.name != f"{__package__}._C":
+            return None, f"the C++ extension sr3_engine._C failed to import ({error})"
+        return None, ("the C++ extension sr3_engine._C is not built (it needs cmake and a C++ compiler at "
+                      f"install time, and is skipped when {SKIP_ENV}=1; reinstall to build it)")
+    except ImportError as error:
+        return None, f"the C++ extension sr3_engine._C failed to import ({error})"
+    built_for = tuple(extension.torch_version.split(".")[:2])
+    if built_for != tuple(torch.__version__.split("+")[0].split(".")[:2]):
+        return None, (f"the C++ extension sr3_engine._C was built for torch {extension.torch_version} but torch "
+                      f"{torch.__version__} is installed; reinstall sr3_engine to rebuild it")
+    return extension, None
+
+
+def _as_int64(seed: int) -> int:
+    return (int(seed) + 2**63) % 2**64 - 2**63
+
+
+def _predicate(extension):
+    def why_not(x: torch.Tensor) -> str | None:
+        if x.device.type == "cuda" and not extension.has_cuda():
+            return ("sr3_engine._C was built without its CUDA kernels (they need nvcc and a CUDA-enabled "
+                    "torch at install time)")
+        if x.device.type not in ("cpu", "cuda"):
+            return f"the C++ kernels run on cpu and cuda tensors, not {x.device.type}"
+        if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
+            return f"the input must be contiguous or channels_last; got strides {x.stride()}"
+        return None
+    return why_not
+
+
+def _group_norm_silu_setup(ctx, inputs, output):
+    x, num_groups, weight, bias, pre_bias, eps = inputs
+    ctx.num_groups, ctx.eps = num_groups, eps
+    ctx.save_for_backward(x, weight, bias, pre_bias)
+
+
+def _group_norm_silu_backward(ctx, grad_output):
+    # Recompute with the native op and let autograd differentiate it: exact, and one source of truth.
+    x, weight, bias, pre_bias = ctx.saved_tensors
+    inputs = {0: x, 2: weight, 3: bias, 4: pre_bias}  # positions in the operator's schema
+    wanted = {i: t.detach().requires_grad_() for i, t in inputs.items() if t is not None and ctx.needs_input_grad[i]}
+    grads = [None] * 6
+    if wanted:
+        with torch.enable_grad():
+            args = {i: wanted[i] if i in wanted else t if t is None else t.detach() for i, t in inputs.items()}
+            out = ops._group_norm_silu_native(args[0], ctx.num_groups, args[2], args[3], ctx.eps, args[4])
+            for i, grad in zip(wanted, torch.autograd.grad(out, list(wanted.values()), grad_output)):
+                grads[i] = grad
+    return tuple(grads)
+
+
+def _register_torch_extras() -> None:
+    group_norm_silu = f"{_NAMESPACE}::group_norm_silu"
+    torch.library.register_autograd(group_norm_silu, _group_norm_silu_backward, setup_context=_group_norm_silu_setup)
+
+    @torch.library.register_fake(group_norm_silu)
+    def _(x, num_groups, weight, bias, pre_bias, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake(f"{_NAMESPACE}::posterior_step")
+    def _(y_t, eps, noise, seed, step, sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma, clip):
+        return torch.empty_like(y_t)
+
+
+def _group_norm_silu_cpp(x, num_groups, weight, bias, eps, pre_bias):
+    return torch.ops.sr3_engine_cpp.group_norm_silu(x, num_groups, weight, bias, pre_bias, float(eps))
+
+
+def _posterior_step_cpp(y_t, eps, sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma, noise, seed, step,
+                        clip):
+    return torch.ops.sr3_engine_cpp.posterior_step(
+        y_t, eps, noise, None if seed is None else _as_int64(seed), _as_int64(step), sqrt_recip_gamma,
+        sqrt_recipm1_gamma, coef1, coef2, sigma, bool(clip),
+    )
+
+
+def register_cpp_backend() -> str | None:
+    """Register the `cpp` backend of every op; None on success, else why it is unavailable."""
+    extension, reason = load_extension()
+    if extension is None:
+        return reason
+    _register_torch_extras()
+    predicate = _predicate(extension)
+    ops.register("group_norm_silu", "cpp", _group_norm_silu_cpp, predicate)
+    ops.register("posterior_step", "cpp", _posterior_step_cpp, predicate)
+    return None

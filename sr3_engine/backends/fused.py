@@ -1,0 +1,157 @@
+"""The fused backend: the whole sampling loop as one CUDA graph, on fused kernels.
+
+On CUDA the model runs in the engine's dtype (bf16 or fp16 recommended) and channels_last,
+every GroupNorm+SiLU on the Triton kernel, every update on the fused posterior step, and
+the loop of `plan.num_steps` denoiser calls is captured once per (batch, height, width,
+dtype, plan) into a CUDA graph with static buffers, then replayed: a step costs its kernels
+and no Python or launch overhead. Noise is drawn inside the posterior kernel from a seed
+held in a device tensor, so replays with a new seed need no re-capture and no noise tensor
+exists; the seed comes from the caller's generator, so the same generator seed gives the
+same image. `in_kernel_noise=False` instead draws the noise of every step from the
+generator as the eager backend does (same numbers, more memory), for parity checks.
+At most `max_graphs` graphs are kept, least recently used first out.
+
+On the CPU there are no graphs: the model runs channels_last on whatever fused ops exist
+there (the C++ extension when built), and the backend says so once.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..diffusion import randn
+from ..samplers import SamplingPlan, StepCallback, raise_if_nonfinite, run_plan
+from ..unet import set_op_backend
+from .base import BackendUnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+class _CapturedLoop:
+    """A captured sampling loop and its static buffers."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, x_up: torch.Tensor, y: torch.Tensor, seed: torch.Tensor,
+                 noise: torch.Tensor | None, out: torch.Tensor, nonfinite: torch.Tensor):
+        self.graph, self.x_up, self.y, self.seed = graph, x_up, y, seed
+        self.noise, self.out, self.nonfinite = noise, out, nonfinite
+
+
+class FusedBackend:
+    name = "fused"
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, op_backend: str = "auto", *,
+                 max_graphs: int = 4, in_kernel_noise: bool = True):
+        if max_graphs < 1:
+            raise ValueError(f"fused backend: max_graphs must be positive; got {max_graphs}")
+        self.device, self.dtype = device, dtype
+        self.max_graphs, self.in_kernel_noise = max_graphs, in_kernel_noise
+        probe = torch.empty(1, 8, 1, 1, device=device, dtype=dtype)
+        if device.type == "cuda":
+            self.op_backend = "triton" if op_backend == "auto" else op_backend
+            for op in ("group_norm_silu", "posterior_step"):
+                reason = ops.why_unavailable(op, self.op_backend, probe)
+                if reason is not None:
+                    raise BackendUnavailableError(f"engine backend 'fused' needs {op} on {self.op_backend}: {reason}")
+        else:
+            self.op_backend = op_backend
+            logger.warning("engine backend 'fused' on %s: no CUDA graphs; GroupNorm+SiLU runs on %s, the posterior "
+                           "step on %s", device.type, ops.resolve_backend("group_norm_silu", op_backend, probe),
+                           ops.resolve_backend("posterior_step", op_backend, probe))
+        self.model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
+        set_op_backend(self.model, self.op_backend)
+        self._graphs: collections.OrderedDict[tuple, _CapturedLoop] = collections.OrderedDict()
+
+    @property
+    def cached_graphs(self) -> int:
+        return len(self._graphs)
+
+    def run(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,
+            generator: torch.Generator | None, callback: StepCallback | None) -> torch.Tensor:
+        x_up = x_up.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        if self.device.type != "cuda":
+            with torch.inference_mode():
+                return run_plan(self.model, x_up, y_T, plan, generator=generator, callback=callback,
+                                backend=self.op_backend)
+        loop = self._loop_for(x_up, plan)
+        loop.x_up.copy_(x_up)
+        loop.y.copy_(y_T)
+        if loop.noise is None:
+            loop.seed.fill_(int(torch.randint(0, 2**62, (), generator=generator, device=_generator_device(generator))))
+        else:
+            for i in range(plan.num_steps):
+                if plan.sigma[i] != 0.0:
+                    loop.noise[i].copy_(randn(tuple(y_T.shape), generator, self.device))
+        loop.graph.replay()
+        raise_if_nonfinite(loop.nonfinite, plan)
+        y0 = loop.out.clone()
+        if callback is not None:
+            # The graph runs every step at once; the callback hears of each one after it.
+            for i in range(plan.num_steps):
+                callback(i, plan.num_steps, y0)
+        return y0
+
+    def _loop_for(self, x_up: torch.Tensor, plan: SamplingPlan) -> _CapturedLoop:
+        key = (tuple(x_up.shape), self.dtype, _plan_digest(plan))
+        loop = self._graphs.get(key)
+        if loop is not None:
+            self._graphs.move_to_end(key)
+            return loop
+        loop = self._capture(x_up, plan)
+        self._graphs[key] = loop
+        if len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return loop
+
+    def _capture(self, x_up: torch.Tensor, plan: SamplingPlan) -> _CapturedLoop:
+        shape = (x_up.shape[0], x_up.shape[1], x_up.shape[2], x_up.shape[3])
+        static_x = torch.zeros_like(x_up)
+        static_y = torch.zeros(shape, device=self.device, dtype=torch.float32)
+        seed = torch.zeros((), device=self.device, dtype=torch.int64)
+        noise = None if self.in_kernel_noise else torch.zeros((plan.num_steps, *shape), device=self.device)
+        nonfinite = torch.zeros(plan.num_steps, device=self.device, dtype=torch.bool)
+        levels = torch.tensor(plan.noise_level, device=self.device, dtype=torch.float32)[:, None].expand(-1, shape[0])
+        levels = levels.contiguous()
+
+        def loop(steps: range) -> torch.Tensor:
+            y = static_y
+            for i in steps:
+                eps = self.model(static_x, y.to(self.dtype).contiguous(memory_format=torch.channels_last), levels[i])
+                noise_kwargs = {"noise": noise[i]} if noise is not None else {"seed": seed, "step": i}
+                if plan.sigma[i] == 0.0:
+                    noise_kwargs = {}
+                y = ops.posterior_step(y, eps, clip=plan.clip, backend=self.op_backend, **noise_kwargs,
+                                       **plan.step_kwargs(i))
+                nonfinite[i] = ~torch.isfinite(y).all()
+            return y
+
+        with torch.no_grad():
+            # Warm-up off the capture stream compiles every kernel the loop uses (the first
+            # step draws noise, the last does not) so that capture records launches only.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                loop(sorted({0, plan.num_steps - 1}))
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = loop(range(plan.num_steps))
+        return _CapturedLoop(graph, static_x, static_y, seed, noise, out, nonfinite)
+
+
+def _generator_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _plan_digest(plan: SamplingPlan) -> str:
+    digest = hashlib.sha256()
+    for array in (plan.noise_level, plan.sqrt_recip_gamma, plan.sqrt_recipm1_gamma, plan.coef1, plan.coef2,
+                  plan.sigma):
+        digest.update(array.tobytes())
+    digest.update(bytes([plan.clip]))
+    return digest.hexdigest()
