@@ -76,7 +76,9 @@ def _posterior_step_kernel(y_ptr, eps_ptr, noise_ptr, out_ptr, seed_ptr, seed, s
     e = tl.load(eps_ptr + start + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     y0_hat = y * sqrt_recip_gamma - e * sqrt_recipm1_gamma
     if CLIP:
-        y0_hat = tl.minimum(tl.maximum(y0_hat, -1.0), 1.0)
+        # NaN must survive the clip, or the sampler's non-finite check never sees a bad eps.
+        y0_hat = tl.minimum(tl.maximum(y0_hat, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                            propagate_nan=tl.PropagateNan.ALL)
     result = coef1 * y0_hat + coef2 * y
     if NOISE == _GIVEN_NOISE:
         z = tl.load(noise_ptr + start + offsets, mask=mask, other=0.0, eviction_policy="evict_first")

@@ -177,3 +177,13 @@ def test_posterior_step_rejects_bad_arguments(kwargs, message):
     y_t = torch.zeros(1, 3, 4, 4)
     with pytest.raises(ValueError, match=message):
         ops.posterior_step(y_t, y_t, **STEP, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ops.OP_BACKENDS)
+def test_posterior_step_keeps_nan_through_the_clip(backend):
+    y_t = torch.zeros(1, 3, 4, 4)
+    _require("posterior_step", backend, y_t)
+    eps = torch.zeros_like(y_t)
+    eps[0, 1, 2, 3] = float("nan")
+    out = ops.posterior_step(y_t, eps, clip=True, backend=backend, **{**STEP, "sigma": 0.0})
+    assert torch.isnan(out[0, 1, 2, 3]) and torch.isfinite(out).sum() == out.numel() - 1
