@@ -28,6 +28,14 @@ def create_backend(name: str, model: nn.Module, device: torch.device, dtype: tor
         from .fused import FusedBackend
 
         return FusedBackend(model, device, dtype, op_backend, **options)
+    if name == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(model, device, dtype, op_backend, **options)
+    if name == "tensorrt":
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(model, device, dtype, op_backend, **options)
     raise BackendUnavailableError(f"engine backend {name!r} is not implemented in this version of sr3_engine")
 
 

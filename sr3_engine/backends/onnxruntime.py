@@ -1,0 +1,107 @@
+"""The onnxruntime backend: the denoiser as an ONNX graph, the sampling loop in the engine.
+
+Only `(x_up, y_t, noise_level) -> eps` runs in onnxruntime; the plan, the noise (drawn
+from the caller's generator exactly as `eager` draws it) and the posterior step stay in
+PyTorch, so an onnxruntime sample equals the eager one for the same seed up to the
+graph's rounding. The model is exported on creation (into a temporary directory kept for
+the backend's life), or `options["onnx_path"]` names a file written by
+`python -m sr3_engine.export` and is loaded as it is.
+
+Providers are chosen explicitly, never by onnxruntime's fallback: CPUExecutionProvider on
+the CPU; on CUDA, CUDAExecutionProvider or BackendUnavailableError. On CUDA the inputs and
+output are bound to the torch tensors' device memory (IO binding) and the session runs on
+torch's current stream, so nothing is copied through the host and no sync is needed.
+bfloat16 is refused: onnxruntime's CPU provider has no bfloat16 Conv and IO binding takes
+numpy element types, which have no bfloat16.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..samplers import SamplingPlan, StepCallback, run_plan
+from .base import BackendUnavailableError
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
+_ONNX_TYPES = {torch.float32: "tensor(float)", torch.float16: "tensor(float16)"}
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailableError("engine backend 'onnxruntime': onnxruntime is not installed "
+                                      "(pip install 'sr3_engine[export]')") from None
+    return onnxruntime
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, op_backend: str = "auto", *,
+                 onnx_path: str | None = None, opset: int | None = None):
+        ort = _import_onnxruntime()
+        if dtype not in _NUMPY_DTYPES:
+            raise BackendUnavailableError(f"engine backend 'onnxruntime': {dtype} is not supported "
+                                          "(use torch.float32 or torch.float16)")
+        self.device, self.dtype, self.op_backend = device, dtype, op_backend
+        providers = self._providers(ort, device)
+        self._tmpdir = None
+        if onnx_path is None:
+            from ..export import DEFAULT_OPSET, ExportError, export_onnx
+
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="sr3_onnx_")
+            onnx_path = str(Path(self._tmpdir.name) / "denoiser.onnx")
+            try:
+                export_onnx(model.to("cpu", dtype), onnx_path, opset=opset or DEFAULT_OPSET)
+            except ExportError as error:
+                raise BackendUnavailableError(f"engine backend 'onnxruntime': {error}") from None
+        elif opset is not None:
+            raise ValueError("engine backend 'onnxruntime': opset applies to an export; onnx_path is already one")
+        self.onnx_path = Path(onnx_path)
+        self.session = ort.InferenceSession(str(self.onnx_path), providers=providers)
+        found = {i.name: i.type for i in self.session.get_inputs()}
+        wanted_types = {"x_up": _ONNX_TYPES[dtype], "y_t": _ONNX_TYPES[dtype], "noise_level": "tensor(float)"}
+        for name, wanted in wanted_types.items():
+            if found.get(name) != wanted:
+                raise ValueError(f"{self.onnx_path}: input {name!r} is {found.get(name, 'missing')}; this engine "
+                                 f"({dtype}) needs {wanted} (export with the matching --dtype)")
+
+    def _providers(self, ort, device: torch.device) -> list:
+        if device.type == "cpu":
+            return ["CPUExecutionProvider"]
+        if device.type != "cuda":
+            raise BackendUnavailableError(f"engine backend 'onnxruntime': no execution provider for {device.type}")
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise BackendUnavailableError("engine backend 'onnxruntime': this onnxruntime has no "
+                                          f"CUDAExecutionProvider (it has {available}; install onnxruntime-gpu)")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = torch.cuda.current_stream(torch.device("cuda", index)).cuda_stream
+        return [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": str(stream)})]
+
+    def denoise(self, x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+        inputs = {"x_up": x_up.contiguous(), "y_t": y_t.contiguous(), "noise_level": noise_level.float().contiguous()}
+        if self.device.type == "cpu":
+            (eps,) = self.session.run(["eps"], {name: t.numpy() for name, t in inputs.items()})
+            return torch.from_numpy(eps)
+        eps = torch.empty_like(inputs["y_t"])
+        binding = self.session.io_binding()
+        index = eps.device.index
+        for name, tensor in inputs.items():
+            binding.bind_input(name, "cuda", index, _NUMPY_DTYPES[tensor.dtype], tuple(tensor.shape),
+                               tensor.data_ptr())
+        binding.bind_output("eps", "cuda", index, _NUMPY_DTYPES[eps.dtype], tuple(eps.shape), eps.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return eps
+
+    def run(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,
+            generator: torch.Generator | None, callback: StepCallback | None) -> torch.Tensor:
+        with torch.inference_mode():
+            return run_plan(self.denoise, x_up.to(self.dtype), y_T, plan, generator=generator,  # type: ignore[arg-type]
+                            callback=callback, backend=self.op_backend)
