@@ -1,0 +1,34 @@
+"""The bundled demo-x4 model and the demo command."""
+
+import pytest
+import torch
+
+import sr3_engine as sr3
+from sr3_engine import demo
+from sr3_engine.engine import ASSETS_DIR
+
+pytestmark = pytest.mark.skipif(not (ASSETS_DIR / "demo-x4" / "config.json").is_file(),
+                                reason="the demo-x4 weights are not bundled in this checkout")
+
+
+def test_bundled_model_is_listed_and_small():
+    assert "demo-x4" in sr3.bundled_models()
+    assert (ASSETS_DIR / "demo-x4" / "model.safetensors").stat().st_size < 16 * 2**20
+
+
+def test_bundled_model_samples_a_crop_deterministically():
+    engine = sr3.SR3Engine.from_pretrained("demo-x4", progress=False)
+    assert engine.scale == 4
+    lr = torch.rand(1, 3, 12, 8, generator=torch.Generator().manual_seed(0))
+    a = engine.sample(lr, generator=torch.Generator().manual_seed(5), steps=8)
+    b = engine.sample(lr, generator=torch.Generator().manual_seed(5), steps=8)
+    assert a.shape == (1, 3, 48, 32)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.isfinite(a).all()
+
+
+def test_demo_writes_the_output_and_the_sheet(tmp_path, capsys):
+    assert demo.main(["--out", str(tmp_path), "--steps", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert (tmp_path / "chelsea-sr3.png").is_file() and (tmp_path / "chelsea-sheet.png").is_file()
+    assert "chelsea-sheet.png" in printed and "sampling took" in printed
