@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from . import resize
@@ -187,7 +187,8 @@ class SR3Engine:
         state = {k: v.detach().to("cpu", weights_dtype or v.dtype).contiguous()
                  for k, v in self.model.state_dict().items()}
         with atomic_path(directory / WEIGHTS_FILE) as tmp:
-            save_file(state, str(tmp), metadata={"format": FORMAT_NAME})
+            # Bytes written into atomic_path's file keep the user's umask; save_file's own files are 0600.
+            tmp.write_bytes(save(state, metadata={"format": FORMAT_NAME}))
         document = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,

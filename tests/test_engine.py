@@ -203,3 +203,13 @@ def test_fused_in_kernel_noise_is_seeded(tiny_model):
     a = fused.sample(lr, generator=_seeded(1))
     torch.testing.assert_close(a, fused.sample(lr, generator=_seeded(1)), rtol=0, atol=0)
     assert not torch.equal(a, fused.sample(lr, generator=_seeded(2)))
+
+
+def test_saved_files_follow_the_umask(tiny_model, tmp_path):
+    import os
+
+    _engine(tiny_model).save_pretrained(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
