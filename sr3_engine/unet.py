@@ -126,7 +126,9 @@ class SelfAttention(nn.Module):
         # Per head the qkv channels are [q, k, v] consecutively, as in the reference layout.
         qkv = self.qkv(self.norm(x)).reshape(b, heads, 3 * (c // heads), h * w)
         q, k, v = (t.transpose(-1, -2) for t in qkv.chunk(3, dim=2))
-        attended = F.scaled_dot_product_attention(q, k, v)
+        # Contiguous copies: SDPA's fused kernels want a unit-stride last dimension and copy anyway,
+        # and torch.compile (AOTAutograd, torch 2.13) mis-computes SDPA on these transposed views.
+        attended = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
         return self.out(attended.transpose(-1, -2).reshape(b, c, h, w)) + x
 
 

@@ -213,3 +213,14 @@ def test_saved_files_follow_the_umask(tiny_model, tmp_path):
     os.umask(umask)
     for name in ("config.json", "model.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_compile_backend_matches_eager(tiny_model):
+    import copy
+
+    eager = _engine(copy.deepcopy(tiny_model), scale=2)
+    compiled = _engine(copy.deepcopy(tiny_model), scale=2, backend="compile",
+                       backend_options={"compiler": "aot_eager"})
+    lr = torch.rand(1, 3, 4, 4)
+    torch.testing.assert_close(compiled.sample(lr, generator=_seeded(2)), eager.sample(lr, generator=_seeded(2)),
+                               rtol=1e-5, atol=1e-5)

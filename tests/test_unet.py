@@ -166,3 +166,14 @@ def test_fused_block_equals_groupnorm_then_silu():
     reference.load_state_dict(fused.state_dict())
     x = torch.randn(3, 12, 5, 6)
     torch.testing.assert_close(fused(x), torch.nn.functional.silu(reference(x)))
+
+
+def test_compiled_model_matches_eager():
+    torch.manual_seed(0)
+    model = sr3.SR3UNet(sr3.UNetConfig.named("tiny")).eval()
+    sr3.set_op_backend(model, "native")
+    x = torch.rand(2, 3, 8, 12) * 2 - 1
+    level = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="aot_eager")
+        torch.testing.assert_close(compiled(x, x, level), model(x, x, level), rtol=1e-5, atol=1e-5)

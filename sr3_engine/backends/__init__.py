@@ -24,6 +24,10 @@ def create_backend(name: str, model: nn.Module, device: torch.device, dtype: tor
         from .eager import EagerBackend
 
         return EagerBackend(model, device, dtype, op_backend, **options)
+    if name == "compile":
+        from .compile import CompileBackend
+
+        return CompileBackend(model, device, dtype, op_backend, **options)
     if name == "fused":
         from .fused import FusedBackend
 

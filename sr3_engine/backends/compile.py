@@ -1,0 +1,24 @@
+"""The compile backend: the eager sampling loop around `torch.compile(model)`.
+
+It is the baseline the fused backend has to beat on a GPU (`mode="max-autotune"` there);
+the denoiser is compiled once per process and recompiled by Dynamo when shapes change
+(`dynamic=None` lets it mark them dynamic after the first change). `compiler` picks the
+torch.compile backend: "inductor" (the default) generates kernels; "aot_eager" only traces,
+which tests use to check the plumbing without a code generator.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .eager import EagerBackend
+
+
+class CompileBackend(EagerBackend):
+    name = "compile"
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, op_backend: str = "auto", *,
+                 mode: str | None = None, compiler: str = "inductor", fullgraph: bool = False):
+        super().__init__(model, device, dtype, op_backend)
+        self.model = torch.compile(self.model, mode=mode, backend=compiler, fullgraph=fullgraph)
