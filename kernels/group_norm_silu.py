@@ -32,8 +32,9 @@ spatial axis in both. Any other strides are first copied to NCHW.
 
 Limits: x float32, float16 or bfloat16 (weight, bias, pre_bias any float dtype, read as
 float32); C divisible by G with C/G <= 4096; C*H*W < 2**31 per sample. The backward pass is
-not a kernel: it recomputes the statistics and applies the analytic gradient in float32
-PyTorch ops, so training through this op is exact but not fused.
+not a kernel: `ops.group_norm_silu_backward` (shared with the cpp backend) recomputes the
+statistics and applies the analytic gradient in float32 PyTorch ops, so training through this
+op is exact but not fused.
 """
 
 import contextlib
@@ -374,33 +375,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    """Analytic gradient in float32, recomputing the statistics from the saved inputs."""
     x, weight, bias, pre_bias = ctx.saved_tensors
-    batch, channels = x.shape[:2]
-    per_channel = (1, channels, 1, 1)
-    h = x.float()
-    if pre_bias is not None:
-        h = h + pre_bias.float().view(batch, channels, 1, 1)
-    grouped = h.reshape(batch, ctx.num_groups, -1)
-    var, mean = torch.var_mean(grouped, dim=-1, unbiased=False, keepdim=True)
-    rstd = torch.rsqrt(var + ctx.eps)
-    x_hat = (grouped - mean) * rstd
-    scale = weight.float().view(per_channel) if weight is not None else 1.0
-    pre_act = x_hat.view(h.shape) * scale
-    if bias is not None:
-        pre_act = pre_act + bias.float().view(per_channel)
-    sig = torch.sigmoid(pre_act)
-    d_pre_act = grad.float() * sig * (1.0 + pre_act * (1.0 - sig))
-
-    d_x_hat = (d_pre_act * scale).reshape(grouped.shape)
-    d_h = rstd * (d_x_hat - d_x_hat.mean(-1, keepdim=True)
-                  - x_hat * (d_x_hat * x_hat).mean(-1, keepdim=True))
-    d_h = d_h.view(h.shape)
-    needs = ctx.needs_input_grad
-    d_x = d_h.to(x.dtype) if needs[0] else None
-    d_weight = (d_pre_act * x_hat.view(h.shape)).sum((0, 2, 3)).to(weight.dtype) if needs[2] else None
-    d_bias = d_pre_act.sum((0, 2, 3)).to(bias.dtype) if needs[3] else None
-    d_pre_bias = d_h.sum((2, 3)).to(pre_bias.dtype) if needs[5] else None
+    needs = ctx.needs_input_grad  # positions in the op's schema: x, num_groups, weight, bias, eps, pre_bias
+    d_x, d_weight, d_bias, d_pre_bias = ops.group_norm_silu_backward(
+        grad, x, ctx.num_groups, weight, bias, ctx.eps, pre_bias, (needs[0], needs[2], needs[3], needs[5]))
     return d_x, None, d_weight, d_bias, None, d_pre_bias
 
 

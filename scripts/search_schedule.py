@@ -61,7 +61,7 @@ def main() -> int:
         engine.schedule = schedule_for(kind, steps, end, train)
         engine.sampler = sr3.SamplerConfig(sampler, strength=strength)
         started = time.perf_counter()
-        results, _, _ = evaluate(engine, hr, names)
+        results, _, _, _ = evaluate(engine, hr, names)
         model, bicubic = mean_scores([r.model for r in results]), mean_scores([r.bicubic for r in results])
         rows.append({"sampler": engine.sampler.to_dict(), "schedule": engine.schedule.config.to_dict(),
                      "label": f"{kind} {steps}" + (f" end {end}" if end else "") + f" strength {strength}",

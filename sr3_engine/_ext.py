@@ -4,9 +4,9 @@
 - Runs on CPU tensors, and on CUDA tensors when the module was built with its CUDA kernels
   (`_C.has_cuda()`); x / y_t must be contiguous or channels_last (others go to `native` under
   `auto`, and a named `cpp` raises with that reason).
-- group_norm_silu is autograd-capable: the kernel computes the forward pass; the backward pass
-  recomputes the forward with the native op and differentiates it (exact gradients, one extra
-  forward's work and no saved activations beyond the inputs). Higher-order gradients are not supported.
+- group_norm_silu is autograd-capable: the kernel computes the forward pass; the backward pass is
+  `ops.group_norm_silu_backward`, shared with the Triton backend (analytic, float32, statistics
+  recomputed from the inputs). Higher-order gradients are not supported.
 - posterior_step draws seeded noise inside the kernel with the Philox stream of csrc/philox.h
   (the Triton backend's stream), so no noise tensor is materialised.
 - `SR3_ENGINE_SKIP_EXT=1` in the environment leaves the extension unloaded; `register_cpp_backend`
@@ -70,18 +70,11 @@ def _group_norm_silu_setup(ctx, inputs, output):
 
 
 def _group_norm_silu_backward(ctx, grad_output):
-    # Recompute with the native op and let autograd differentiate it: exact, and one source of truth.
     x, weight, bias, pre_bias = ctx.saved_tensors
-    inputs = {0: x, 2: weight, 3: bias, 4: pre_bias}  # positions in the operator's schema
-    wanted = {i: t.detach().requires_grad_() for i, t in inputs.items() if t is not None and ctx.needs_input_grad[i]}
-    grads = [None] * 6
-    if wanted:
-        with torch.enable_grad():
-            args = {i: wanted[i] if i in wanted else t if t is None else t.detach() for i, t in inputs.items()}
-            out = ops._group_norm_silu_native(args[0], ctx.num_groups, args[2], args[3], ctx.eps, args[4])
-            for i, grad in zip(wanted, torch.autograd.grad(out, list(wanted.values()), grad_output)):
-                grads[i] = grad
-    return tuple(grads)
+    needs = ctx.needs_input_grad  # positions in the op's schema: x, num_groups, weight, bias, pre_bias, eps
+    d_x, d_weight, d_bias, d_pre_bias = ops.group_norm_silu_backward(
+        grad_output, x, ctx.num_groups, weight, bias, ctx.eps, pre_bias, (needs[0], needs[2], needs[3], needs[4]))
+    return d_x, None, d_weight, d_bias, d_pre_bias, None
 
 
 def _register_torch_extras() -> None:

@@ -24,6 +24,11 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
     return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
+def generator_device(generator: torch.Generator | None) -> torch.device:
+    """Where draws from `generator` are made: its own device (the CPU without one)."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def q_sample(y0: torch.Tensor, noise_level: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """y~ = sqrt(gamma) y0 + sqrt(1 - gamma) eps, with noise_level = sqrt(gamma) of shape (B,)."""
     level = noise_level.reshape(-1, *([1] * (y0.dim() - 1))).to(y0.dtype)
@@ -39,7 +44,7 @@ def sample_noise_levels(schedule: NoiseSchedule, batch: int, *, generator: torch
     """
     if space not in NOISE_LEVEL_INPUTS:
         raise ValueError(f"sample_noise_levels: space must be one of {NOISE_LEVEL_INPUTS}; got {space!r}")
-    gen_device = generator.device if generator is not None else torch.device("cpu")
+    gen_device = generator_device(generator)
     t = torch.randint(1, schedule.num_steps + 1, (batch,), generator=generator, device=gen_device)
     u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64)
     prev_name, name = ("noise_levels_prev", "noise_levels") if space == "sqrt_gamma" else ("gammas_prev", "gammas")

@@ -73,8 +73,10 @@ def super_resolve(engine: SR3Engine, lr: torch.Tensor, *, samples: int, steps: i
 
 
 def evaluate(engine: SR3Engine, hr: torch.Tensor, names: Sequence[str], *, samples: int = 1,
-             steps: int | None = None, batch_size: int = 4) -> tuple[list[ImageResult], torch.Tensor, torch.Tensor]:
-    """Scores for HR crops (N, 3, H, W) in [0, 1]; also returns the LR inputs and the first draw."""
+             steps: int | None = None, batch_size: int = 4
+             ) -> tuple[list[ImageResult], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores for HR crops (N, 3, H, W) in [0, 1]; also returns the LR inputs, their bicubic
+    upsampling and the model's first draw."""
     scale = engine.scale
     lr = make_lr(hr, scale)
     bicubic = resize.upsample(lr, scale).clamp(0.0, 1.0)
@@ -85,7 +87,7 @@ def evaluate(engine: SR3Engine, hr: torch.Tensor, names: Sequence[str], *, sampl
         ImageResult(name, mean_scores([draw_scores[i] for draw_scores in per_draw]), bicubic_scores[i])
         for i, name in enumerate(names)
     ]
-    return results, lr, draws[0]
+    return results, lr, bicubic, draws[0]
 
 
 def contact_sheet(rows: Sequence[Sequence[torch.Tensor]], labels: Sequence[str] = SHEET_LABELS) -> Image.Image:
@@ -161,14 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     hr = load_centre_crops(paths, args.crop)
-    results, lr, first_draw = evaluate(engine, hr, [p.stem for p in paths], samples=args.samples,
+    results, lr, bicubic, first_draw = evaluate(engine, hr, [p.stem for p in paths], samples=args.samples,
                                        steps=args.steps, batch_size=args.batch_size)
     seconds = time.perf_counter() - started
     print(format_table(results))
     print(f"PSNR and SSIM on RGB in [0, 255]; consistency is an MSE on [0, 1]. {len(paths)} images, "
           f"{args.samples} sample(s) each, {seconds:.1f} s")
 
-    bicubic = resize.upsample(lr, args.scale).clamp(0.0, 1.0)
     rows = [(nearest_up(lr[i], args.scale), bicubic[i], first_draw[i], hr[i]) for i in range(len(paths))]
     args.out.mkdir(parents=True, exist_ok=True)
     save_png(contact_sheet(rows), args.out / "contact_sheet.png")

@@ -140,6 +140,41 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     return _IMPLEMENTATIONS["group_norm_silu"][chosen](x, num_groups, weight, bias, eps, pre_bias)
 
 
+def group_norm_silu_backward(grad: torch.Tensor, x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                             bias: torch.Tensor | None, eps: float, pre_bias: torch.Tensor | None,
+                             needs: tuple[bool, bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (x, weight, bias, pre_bias) of group_norm_silu, for the fused backends' autograd.
+
+    Analytic and in float32 whatever the input dtype, recomputing the statistics from the
+    inputs instead of saving them; `needs` says which of the four gradients to compute.
+    """
+    batch, channels = x.shape[:2]
+    per_channel = (1, channels, 1, 1)
+    h = x.float()
+    if pre_bias is not None:
+        h = h + pre_bias.float().view(batch, channels, 1, 1)
+    grouped = h.reshape(batch, num_groups, -1)
+    var, mean = torch.var_mean(grouped, dim=-1, unbiased=False, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    x_hat = (grouped - mean) * rstd
+    scale = weight.float().view(per_channel) if weight is not None else 1.0
+    pre_act = x_hat.view(h.shape) * scale
+    if bias is not None:
+        pre_act = pre_act + bias.float().view(per_channel)
+    sig = torch.sigmoid(pre_act)
+    d_pre_act = grad.float() * sig * (1.0 + pre_act * (1.0 - sig))
+
+    d_x_hat = (d_pre_act * scale).reshape(grouped.shape)
+    d_h = rstd * (d_x_hat - d_x_hat.mean(-1, keepdim=True)
+                  - x_hat * (d_x_hat * x_hat).mean(-1, keepdim=True))
+    d_h = d_h.view(h.shape)
+    d_x = d_h.to(x.dtype) if needs[0] else None
+    d_weight = (d_pre_act * x_hat.view(h.shape)).sum((0, 2, 3)).to(weight.dtype) if needs[1] else None
+    d_bias = d_pre_act.sum((0, 2, 3)).to(bias.dtype) if needs[2] else None
+    d_pre_bias = d_h.sum((2, 3)).to(pre_bias.dtype) if needs[3] else None
+    return d_x, d_weight, d_bias, d_pre_bias
+
+
 # ---------------------------------------------------------------------------------------
 # posterior_step (eq. 9-11 with the coefficients of eq. 4, or DDIM's):
 #   y0_hat = y_t * sqrt_recip_gamma - eps * sqrt_recipm1_gamma   (clipped to [-1, 1] if clip)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..diffusion import randn
+from ..diffusion import generator_device, randn
 from ..samplers import SamplingPlan, StepCallback, raise_if_nonfinite, run_plan
 from ..unet import set_op_backend
 from .base import BackendUnavailableError
@@ -82,7 +82,7 @@ class FusedBackend:
         loop.x_up.copy_(x_up)
         loop.y.copy_(y_T)
         if loop.noise is None:
-            loop.seed.fill_(int(torch.randint(0, 2**62, (), generator=generator, device=_generator_device(generator))))
+            loop.seed.fill_(int(torch.randint(0, 2**62, (), generator=generator, device=generator_device(generator))))
         else:
             for i in range(plan.num_steps):
                 if plan.sigma[i] != 0.0:
@@ -122,9 +122,12 @@ class FusedBackend:
             y = static_y
             for i in steps:
                 eps = self.model(static_x, y.to(self.dtype).contiguous(memory_format=torch.channels_last), levels[i])
-                noise_kwargs = {"noise": noise[i]} if noise is not None else {"seed": seed, "step": i}
                 if plan.sigma[i] == 0.0:
                     noise_kwargs = {}
+                elif noise is not None:
+                    noise_kwargs = {"noise": noise[i]}
+                else:
+                    noise_kwargs = {"seed": seed, "step": i}
                 y = ops.posterior_step(y, eps, clip=plan.clip, backend=self.op_backend, **noise_kwargs,
                                        **plan.step_kwargs(i))
                 nonfinite[i] = ~torch.isfinite(y).all()
@@ -142,10 +145,6 @@ class FusedBackend:
             with torch.cuda.graph(graph):
                 out = loop(range(plan.num_steps))
         return _CapturedLoop(graph, static_x, static_y, seed, noise, out, nonfinite)
-
-
-def _generator_device(generator: torch.Generator | None) -> torch.device:
-    return generator.device if generator is not None else torch.device("cpu")
 
 
 def _plan_digest(plan: SamplingPlan) -> str:
