@@ -72,7 +72,8 @@ def resolve_backend(op: str, backend: str, x: torch.Tensor) -> str:
     for candidate in _AUTO_ORDER.get(x.device.type, ("native",)):
         if why_unavailable(op, candidate, x) is None:
             key = (op, x.device.type, candidate)
-            if key not in _logged_auto_choices:
+            # Logging inside a torch.compile trace is a graph break; the eager call logs it.
+            if key not in _logged_auto_choices and not torch.compiler.is_compiling():
                 _logged_auto_choices.add(key)
                 logger.info("%s on %s: auto picked the %s backend", op, x.device.type, candidate)
             return candidate

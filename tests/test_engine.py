@@ -224,3 +224,32 @@ def test_compile_backend_matches_eager(tiny_model):
     lr = torch.rand(1, 3, 4, 4)
     torch.testing.assert_close(compiled.sample(lr, generator=_seeded(2)), eager.sample(lr, generator=_seeded(2)),
                                rtol=1e-5, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("op_backend", ["auto", "native", "cpp"])
+def test_the_denoiser_compiles_as_one_graph(tiny_model, op_backend, monkeypatch):
+    # A graph break splits the U-Net into per-block graphs that Dynamo recompiles per channel
+    # count until its recompile limit, then runs eagerly: compile would be slower than eager.
+    import copy
+
+    x = torch.rand(1, 3, 8, 8)
+    if op_backend != "auto" and sr3.ops.why_unavailable("group_norm_silu", op_backend, x) is not None:
+        pytest.skip(sr3.ops.why_unavailable("group_norm_silu", op_backend, x))
+    monkeypatch.setattr(sr3.ops, "_logged_auto_choices", set())  # the first auto choice is logged
+    model = copy.deepcopy(tiny_model).eval()
+    sr3.set_op_backend(model, op_backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    level = torch.rand(1)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, x, level), model(x, x, level), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op_backend", ["auto", "native", "cpp"])
+def test_compile_backend_compiles_native_ops_unless_told_otherwise(tiny_model, op_backend):
+    lr = torch.rand(1, 3, 4, 4)
+    if op_backend != "auto" and sr3.ops.why_unavailable("group_norm_silu", op_backend, lr) is not None:
+        pytest.skip(sr3.ops.why_unavailable("group_norm_silu", op_backend, lr))
+    engine = _engine(tiny_model, backend="compile", op_backend=op_backend, backend_options={"compiler": "aot_eager"})
+    assert engine.backend.op_backend == ("native" if op_backend == "auto" else op_backend)
