@@ -17,7 +17,7 @@ CUDA_ARCH ?= sm_90
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 EXT_SOURCES := CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test test-all check-cuda demo clean
+.PHONY: install test test-all check-cuda demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,15 @@ check-cuda:
 		echo "$(NVCC) -c -arch=$(CUDA_ARCH) $$source"; \
 		"$(NVCC)" -c -arch=$(CUDA_ARCH) -std=c++17 -o "$$tmp/$$(basename $$source).o" "$$source" || exit 1; \
 	done
+
+# The CPU suite (tiny config, every backend side by side, a few minutes on 2 cores), then its
+# section and chart in bench/RESULTS.md. On a GPU machine see README.md, "Benchmarks".
+BENCH_JSON ?= .benchmarks/bench-cpu.json
+BENCH_ARGS ?= --device cpu --benchmark-min-rounds 5 --benchmark-max-time 0.25
+bench: install
+	@mkdir -p $(dir $(BENCH_JSON))
+	SR3_ENGINE_REQUIRE_EXT=1 $(PY) -m pytest -q bench $(BENCH_ARGS) --benchmark-json $(BENCH_JSON)
+	$(PY) -m bench.report $(BENCH_JSON) --command "make bench  # = pytest -q bench $(BENCH_ARGS)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache sr3_engine/_C*.so

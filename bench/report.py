@@ -1,45 +1,328 @@
-"""`python -m bench.report BENCH.json [--title T]`: pytest-benchmark JSON -> a Markdown table.
+"""`python -m bench.report BENCH.json [MORE.json ...]`: pytest-benchmark JSON -> bench/RESULTS.md + chart.
 
-One row per benchmark group, one median column per backend (the `backend` parameter of
-each benchmark), the speed-up of every backend over `native`, and any throughput figure
-the benchmark put in extra_info. Prints the table; paste it into bench/RESULTS.md with the
-date, machine, versions and command.
+Writes one section per run (device and date) into RESULTS.md: the device, peaks, versions
+and command; the goals of the fused backend checked against the run; end-to-end images/s,
+speed-up over eager fp32 and bf16 roofline fraction per engine backend and batch; per-step
+latency; per-op time, GB/s and bandwidth fraction with the speed-up over native; and what
+was skipped and why. A bar chart (images/s and speed-up per batch) goes next to it as a PNG.
+
+Several JSON files of one device are merged (a GPU suite can be run in parts). A section
+with the same device and date is replaced; every other section (earlier runs, other
+devices, the text around them) is kept as it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from sr3_engine.io import atomic_path
 
-def table(document: dict) -> str:
-    groups: dict[str, dict[str, dict]] = defaultdict(dict)
-    for bench in document["benchmarks"]:
-        groups[bench["group"]][bench["params"]["backend"]] = bench
-    backends = sorted({b for rows in groups.values() for b in rows}, key=lambda b: (b != "native", b))
-    header = ["case"] + [f"{b} median (ms)" for b in backends] + [f"{b} / native" for b in backends[1:]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for group, rows in groups.items():
-        medians = {b: rows[b]["stats"]["median"] for b in backends if b in rows}
-        cells = [group] + [f"{medians[b] * 1e3:.3f}" if b in medians else "-" for b in backends]
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+INSERT_MARKER = "<!-- bench.report: new runs go below this line -->"
+BASELINE = "eager-fp32"
+GOAL_BATCH_LARGE = 16
+GOAL_BATCH_ROOFLINE = 32
+
+
+class ReportError(Exception):
+    """A JSON or RESULTS.md the report cannot use; the message names the file."""
+
+
+@dataclass
+class Run:
+    device: str
+    device_name: str
+    date: str
+    command: str
+    info: dict
+    rows: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.device_name} | {self.date}"
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", f"{self.device}-{self.device_name}-{self.date}".lower()).strip("-")
+
+    def kind(self, kind: str) -> list[dict]:
+        return [row for row in self.rows if row["kind"] == kind]
+
+
+def load(paths: list[Path]) -> Run:
+    run: Run | None = None
+    for path in paths:
+        try:
+            document = json.loads(path.read_text())
+            benchmarks = document["benchmarks"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ReportError(f"{path}: not a pytest-benchmark JSON file ({error})") from None
+        rows = []
+        for bench in benchmarks:
+            extra = bench.get("extra_info", {})
+            if "kind" not in extra:
+                raise ReportError(f"{path}: benchmark {bench.get('name')!r} was not written by bench/ (no extra_info.kind)")
+            rows.append({**extra, "median": bench["stats"]["median"], "name": bench["name"]})
+        if not rows:
+            raise ReportError(f"{path}: holds no benchmark rows (was it run with --benchmark-disable?)")
+        first = rows[0]
+        if run is None:
+            run = Run(first["device"], first["device_name"], document.get("datetime", "")[:10],
+                      document.get("sr3_command", "pytest bench/"), first)
+        elif first["device_name"] != run.device_name:
+            raise ReportError(f"{path}: measured on {first['device_name']}, not {run.device_name}; "
+                              "report one device at a time")
+        elif document.get("sr3_command") and document["sr3_command"] not in run.command:
+            run.command += "; " + document["sr3_command"]
+        run.rows.extend(rows)
+        run.skipped.extend(document.get("sr3_skipped", []))
+    assert run is not None
+    return run
+
+
+def fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        text = f"{value:,.0f}"
+    elif abs(value) >= 10:
+        text = f"{value:.1f}"
+    else:
+        text = f"{value:.3g}"
+    return text + unit
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _by_variant_and_batch(rows: list[dict]) -> tuple[list[str], list[int], dict[tuple[str, int], dict]]:
+    cells = {(row["variant"], row["batch"]): row for row in rows}
+    # The suite's own order (eager, compile, fused, exported), the baseline first.
+    variants = sorted(dict.fromkeys(row["variant"] for row in rows), key=lambda v: v != BASELINE)
+    batches = sorted({row["batch"] for row in rows})
+    return variants, batches, cells
+
+
+def speedup(cells: dict, variant: str, batch: int, over: str = BASELINE) -> float | None:
+    if (variant, batch) not in cells or (over, batch) not in cells:
+        return None
+    return cells[(over, batch)]["median"] / cells[(variant, batch)]["median"]
+
+
+def end_to_end_tables(run: Run) -> list[str]:
+    rows = run.kind("sample")
+    if not rows:
+        return []
+    variants, batches, cells = _by_variant_and_batch(rows)
+    first = rows[0]
+    columns = [f"batch {b}" for b in batches]
+    lines = [f"#### End to end: `engine.sample`, {first['config']} at {first['height']}x{first['width']}, "
+             f"{first['steps']} steps", "", "Images/s (higher is better):", ""]
+    lines += _table(["backend", *columns], [
+        [v, *(fmt(cells[(v, b)]["images_per_s"]) if (v, b) in cells else "-" for b in batches)] for v in variants])
+    lines += ["", f"Speed-up over {BASELINE} at the same batch:", ""]
+    lines += _table(["backend", *columns], [[v, *(ratio(speedup(cells, v, b)) for b in batches)] for v in variants])
+    lines += ["", f"Fraction of the bf16 FLOP roofline ({fmt(first['flops_per_step'] / first['batch'] / 1e9)} "
+              "GFLOP per image per step):", ""]
+    lines += _table(["backend", *columns], [
+        [v, *(percent(cells[(v, b)]["roofline_fraction"]) if (v, b) in cells else "-" for b in batches)]
+        for v in variants])
+    return lines + [""]
+
+
+def step_table(run: Run) -> list[str]:
+    rows = run.kind("step")
+    if not rows:
+        return []
+    variants, batches, cells = _by_variant_and_batch(rows)
+    lines = ["#### Per step: one denoiser call and posterior update, ms (speed-up over eager-fp32)", ""]
+    lines += _table(["backend", *(f"batch {b}" for b in batches)], [
+        [v, *(f"{fmt(cells[(v, b)]['median'] * 1e3)} ({ratio(speedup(cells, v, b))})" if (v, b) in cells else "-"
+              for b in batches)] for v in variants])
+    return lines + [""]
+
+
+def op_table(run: Run) -> list[str]:
+    rows = run.kind("op")
+    if not rows:
+        return []
+    cases: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        cases[row["case"]][row["backend"]] = row
+    backends = [b for b in ("native", "triton", "cpp", "compile") if any(b in c for c in cases.values())]
+    header = ["case", *(f"{b}: us, GB/s (% of peak)" for b in backends), *(f"{b} / native" for b in backends[1:])]
+    table_rows = []
+    for case, by_backend in cases.items():
+        cells = [case]
+        for b in backends:
+            row = by_backend.get(b)
+            cells.append("-" if row is None else
+                         f"{fmt(row['median'] * 1e6)}, {fmt(row['gbps'])} ({percent(row['bandwidth_fraction'])})")
         for b in backends[1:]:
-            ratio = medians["native"] / medians[b] if "native" in medians and b in medians else None
-            cells.append(f"{ratio:.2f}x" if ratio else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+            native, other = by_backend.get("native"), by_backend.get(b)
+            cells.append(ratio(native["median"] / other["median"]) if native and other else "-")
+        table_rows.append(cells)
+    return ["#### Per op: median time, bytes moved / time", "", *_table(header, table_rows), "",
+            "Above 100% of the bandwidth, the bytes the op moves stayed in cache between rounds: the peak is "
+            "the device memory's, measured or from the data sheet.", ""]
+
+
+def goals_table(run: Run) -> list[str]:
+    rows = run.kind("sample")
+    fused = sorted({r["variant"] for r in rows if r["backend"] == "fused"})
+    if not fused:
+        return []
+    variants, batches, cells = _by_variant_and_batch(rows)
+    compiled = [v for v in variants if v.startswith("compile-")]
+    lines = ["#### Goals of the fused backend", ""]
+    table_rows = []
+    for variant in fused:
+        def best_over_compile(batch: int) -> str:
+            ratios = [speedup(cells, variant, batch, over=c) for c in compiled]
+            ratios = [r for r in ratios if r is not None]
+            return ratio(min(ratios)) if ratios else "not in this run"
+
+        def at(batch: int, what) -> str:
+            return what(batch) if (variant, batch) in cells else "not in this run"
+
+        table_rows += [
+            [f"{variant} vs {BASELINE}, batch 1", ">= 4x", at(1, lambda b: ratio(speedup(cells, variant, b)))],
+            [f"{variant} vs {BASELINE}, batch {GOAL_BATCH_LARGE}", ">= 2.5x",
+             at(GOAL_BATCH_LARGE, lambda b: ratio(speedup(cells, variant, b)))],
+            *([f"{variant} vs the faster compile variant, batch {b}", ">= 1.25x", best_over_compile(b)]
+              for b in batches),
+            [f"{variant} bf16 roofline fraction, batch {GOAL_BATCH_ROOFLINE}", ">= 50%",
+             at(GOAL_BATCH_ROOFLINE, lambda b: percent(cells[(variant, b)]["roofline_fraction"]))],
+        ]
+    return lines + _table(["goal", "target", "this run"], table_rows) + [""]
+
+
+def skipped_lines(run: Run) -> list[str]:
+    cases: dict[tuple[str, str, str], int] = defaultdict(int)
+    for skip in run.skipped:
+        cases[(skip["test"], skip.get("what", ""), skip["reason"])] += 1
+    if not cases:
+        return []
+    return ["Not measured in this run:", "", *(
+        f"- `{test}` {what} ({count} case{'s' if count > 1 else ''}): {reason}"
+        for (test, what, reason), count in sorted(cases.items())), ""]
+
+
+def section(run: Run, chart_name: str | None) -> str:
+    info = run.info
+    heading = "GPU" if run.device == "cuda" else "CPU"
+    lines = [
+        f"<!-- bench-run: {run.key} -->",
+        f"### {heading}: {run.device_name}, {run.date}",
+        "",
+        f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, onnxruntime {info['onnxruntime']}, "
+        f"Python {info['python']}, {info['torch_threads']} torch threads, sr3_engine {info['sr3_engine']}. "
+        f"Peaks: {fmt(info['peak_bf16_tflops'])} TFLOP/s bf16, {fmt(info['peak_gbps'])} GB/s "
+        f"({info['peak_source']}). Medians of one run, side by side. Command:",
+        "",
+        f"    {run.command}",
+        "",
+        *goals_table(run),
+        *end_to_end_tables(run),
+        *([f"![images/s and speed-up per batch]({chart_name})", ""] if chart_name else []),
+        *step_table(run),
+        *op_table(run),
+        *skipped_lines(run),
+        "<!-- /bench-run -->",
+    ]
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path)
-    args = parser.parse_args()
-    document = json.loads(args.json.read_text())
-    machine = document.get("machine_info", {})
-    print(f"{machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
-          f"Python {machine.get('python_version', '?')}, {document.get('datetime', '')}\n")
-    print(table(document))
+def chart(run: Run, path: Path) -> bool:
+    """A grouped bar chart of end-to-end images/s and speed-up per batch; False when there is nothing to plot."""
+    rows = run.kind("sample")
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants, batches, cells = _by_variant_and_batch(rows)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(variants)
+    for i, variant in enumerate(variants):
+        xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(batches))]
+        left.bar(xs, [cells[(variant, b)]["images_per_s"] if (variant, b) in cells else 0 for b in batches],
+                 width, label=variant)
+        right.bar(xs, [speedup(cells, variant, b) or 0 for b in batches], width, label=variant)
+    for axis, title in ((left, "images/s (log scale)"), (right, f"speed-up over {BASELINE}")):
+        axis.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+        axis.set_title(title)
+    left.set_yscale("log")
+    right.axhline(1.0, color="black", linewidth=0.8)
+    right.legend(fontsize=8, ncol=2)
+    first = rows[0]
+    figure.suptitle(f"engine.sample, {first['config']} {first['height']}x{first['width']}, {first['steps']} steps "
+                    f"- {run.device_name}, {run.date}")
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
+    plt.close(figure)
+    return True
+
+
+def update_results(results: Path, run: Run, text: str) -> str:
+    """RESULTS.md with this run's section inserted (newest first) or replacing the one of the same key."""
+    if not results.is_file():
+        raise ReportError(f"{results}: missing; it must exist and hold the line {INSERT_MARKER}")
+    document = results.read_text()
+    pattern = re.compile(rf"<!-- bench-run: {re.escape(run.key)} -->.*?<!-- /bench-run -->", re.S)
+    if pattern.search(document):
+        return pattern.sub(lambda _: text, document, count=1)
+    if INSERT_MARKER not in document:
+        raise ReportError(f"{results}: has no line {INSERT_MARKER} to insert new runs after")
+    return document.replace(INSERT_MARKER, f"{INSERT_MARKER}\n\n{text}", 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path, nargs="+", help="pytest-benchmark JSON files of one device")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="the Markdown file to update")
+    parser.add_argument("--command", help="the command to quote (default: the pytest command in the JSON)")
+    parser.add_argument("--print", action="store_true", dest="print_only",
+                        help="print the section and write nothing")
+    args = parser.parse_args(argv)
+    try:
+        run = load(args.json)
+        if args.command:
+            run.command = args.command
+        chart_path = args.results.parent / f"RESULTS-{run.slug}.png"
+        if args.print_only:
+            print(section(run, None))
+            return 0
+        text = section(run, chart_path.name if run.kind("sample") else None)
+        updated = update_results(args.results, run, text)
+        if chart(run, chart_path):
+            print(f"wrote {chart_path}")
+        with atomic_path(args.results) as tmp:
+            tmp.write_text(updated)
+        print(f"wrote {args.results}")
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

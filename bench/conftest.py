@@ -1,0 +1,126 @@
+"""Shared set-up of the benchmark suite: the device, its peaks, the engines, the clock.
+
+`pytest bench/` measures on CUDA when there is a GPU, else on the CPU (`--device` picks).
+The problem follows the device: sr3-16-128 at 16x16 -> 128x128 (x8) on CUDA, the tiny
+config at 8x8 -> 32x32 (x4) on the CPU, so that the CPU suite (`make bench`) fits in a few
+minutes. Engines are built once per session and shared by the per-step and end-to-end
+benchmarks; an engine backend that cannot run here is skipped with its reason, which the
+JSON keeps (`sr3_skipped`) so that the report can list it.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import torch
+
+import sr3_engine as sr3
+from sr3_engine.backends import BackendUnavailableError
+
+from . import harness
+from .harness import PROBLEMS, VARIANTS, Problem, Variant
+
+# Skipped benchmarks and their reasons, for the JSON (pytest-benchmark only records those that ran).
+_skipped: list[dict] = []
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("sr3_engine benchmarks")
+    group.addoption("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="where to measure (auto: cuda when available)")
+    group.addoption("--peak-tflops", type=float, default=None,
+                    help="the device's dense bf16 peak in TFLOP/s, instead of the data sheet or a measurement")
+    group.addoption("--peak-gbps", type=float, default=None,
+                    help="the device's memory bandwidth in GB/s, instead of the data sheet or a measurement")
+
+
+def _bench_device(config) -> torch.device:
+    choice = config.getoption("--device")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: torch sees no CUDA device here")
+    return torch.device(choice)
+
+
+def pytest_configure(config):
+    config._sr3_device = _bench_device(config)
+
+
+def pytest_collection_modifyitems(config, items):
+    device = config._sr3_device
+    # One clock per session, so that every round is measured against the same origin event.
+    marker_options = {"warmup": True, "warmup_iterations": 10}
+    if device.type == "cuda":
+        marker_options["timer"] = harness.CudaEventClock(device)
+    for item in items:
+        item.add_marker(pytest.mark.benchmark(**marker_options))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.skipped:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        what = params.get("variant").id if "variant" in params else params.get("backend", "")
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append({"test": item.originalname, "what": what, "reason": reason.removeprefix("Skipped: ")})
+    return report
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["sr3_command"] = shlex.join(["pytest", *config.invocation_params.args])
+    output_json["sr3_skipped"] = list(_skipped)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> torch.device:
+    return pytestconfig._sr3_device
+
+
+@pytest.fixture(scope="session")
+def device_info(pytestconfig, device) -> harness.DeviceInfo:
+    return harness.describe(device, pytestconfig.getoption("--peak-tflops"), pytestconfig.getoption("--peak-gbps"))
+
+
+@pytest.fixture(scope="session")
+def problem(device) -> Problem:
+    return PROBLEMS[device.type]
+
+
+@pytest.fixture(scope="session")
+def rounds(pytestconfig) -> int:
+    """Timed rounds of a whole-sampling benchmark (--benchmark-min-rounds; one warm-up round precedes them)."""
+    return max(1, int(pytestconfig.getoption("benchmark_min_rounds")))
+
+
+@pytest.fixture(scope="session")
+def engines(device, problem):
+    """variant id -> SR3Engine, built on first use; the reason string when the backend cannot run here."""
+    built: dict[str, sr3.SR3Engine | str] = {}
+
+    def get(variant: Variant) -> sr3.SR3Engine:
+        if variant.id not in built:
+            try:
+                built[variant.id] = harness.build_engine(variant, problem, device)
+            except BackendUnavailableError as error:
+                built[variant.id] = str(error)
+        engine = built[variant.id]
+        if isinstance(engine, str):
+            pytest.skip(engine)
+        return engine
+
+    yield get
+    built.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def pytest_generate_tests(metafunc):
+    device = metafunc.config._sr3_device.type
+    if "variant" in metafunc.fixturenames:
+        variants = VARIANTS[device]
+        metafunc.parametrize("variant", variants, ids=[v.id for v in variants])
+    if "batch" in metafunc.fixturenames:
+        metafunc.parametrize("batch", PROBLEMS[device].batches, ids=lambda b: f"batch{b}")

@@ -1,0 +1,260 @@
+"""What every benchmark row carries: the device, its peaks, the versions, FLOPs, and a clock.
+
+Peaks. On a GPU the roofline is the vendor's dense bf16 tensor-core figure and the HBM
+bandwidth from the data sheet (the table below, matched on the device name). On a CPU,
+or a GPU not in the table, there is no dependable data sheet figure, so both are measured
+here: the best of a few 2048^3 bf16 matmuls, and a 256 MiB tensor copy (read + write).
+Either can be overridden (`--peak-tflops`, `--peak-gbps`); the source goes into every row.
+
+Clock. CUDA work is asynchronous, so on a CUDA device a benchmark round is timed by CUDA
+events: the clock synchronises the device, records an event on the current stream, waits
+for it and returns the time since the first event. A round's start and end are therefore
+both points at which every earlier kernel has finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import platform
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import sr3_engine as sr3
+
+# (substring of torch.cuda.get_device_name(), dense bf16 TFLOP/s, memory TB/s, data sheet), first match wins.
+GPU_DATA_SHEETS = (
+    ("H200 NVL", 835.0, 4.8, "NVIDIA H200 NVL data sheet"),
+    ("H200", 989.4, 4.8, "NVIDIA H200 SXM data sheet"),
+    ("H100 NVL", 835.0, 3.9, "NVIDIA H100 NVL data sheet"),
+    ("H100 PCIe", 756.5, 2.0, "NVIDIA H100 PCIe data sheet"),
+    ("H100", 989.4, 3.35, "NVIDIA H100 SXM5 data sheet"),
+    ("A100-SXM4-80GB", 312.0, 2.039, "NVIDIA A100 SXM4 80GB data sheet"),
+    ("A100-SXM4-40GB", 312.0, 1.555, "NVIDIA A100 SXM4 40GB data sheet"),
+    ("A100 80GB PCIe", 312.0, 1.935, "NVIDIA A100 PCIe 80GB data sheet"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+    """The device a run measured and the peaks its fractions are taken of."""
+
+    device: str
+    name: str
+    peak_bf16_flops: float
+    peak_bytes_per_s: float
+    peak_source: str
+    versions: dict
+
+    def row(self) -> dict:
+        """The fields every benchmark row's extra_info starts with."""
+        return {
+            "device": self.device,
+            "device_name": self.name,
+            "peak_bf16_tflops": round(self.peak_bf16_flops / 1e12, 3),
+            "peak_gbps": round(self.peak_bytes_per_s / 1e9, 1),
+            "peak_source": self.peak_source,
+            **self.versions,
+        }
+
+
+def versions() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    try:
+        import onnxruntime
+
+        onnxruntime_version = onnxruntime.__version__
+    except ImportError:
+        onnxruntime_version = "not installed"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda or "none",
+        "onnxruntime": onnxruntime_version,
+        "sr3_engine": getattr(sr3, "__version__", "unknown"),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def data_sheet(name: str) -> tuple[float, float, str] | None:
+    """(bf16 FLOP/s, bytes/s, source) for a GPU named in GPU_DATA_SHEETS, else None."""
+    for key, tflops, tbps, source in GPU_DATA_SHEETS:
+        if key in name:
+            return tflops * 1e12, tbps * 1e12, source
+    return None
+
+
+def measure_bf16_flops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    return 2 * size**3 / _best_time(lambda: a @ b, device, repeats)
+
+
+def measure_bytes_per_s(device: torch.device, mebibytes: int = 256, repeats: int = 5) -> float:
+    source = torch.empty(mebibytes * 2**20 // 4, device=device, dtype=torch.float32)
+    target = torch.empty_like(source)
+    return 2 * source.numel() * 4 / _best_time(lambda: target.copy_(source), device, repeats)
+
+
+def _best_time(fn, device: torch.device, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def describe(device: torch.device, peak_tflops: float | None = None, peak_gbps: float | None = None) -> DeviceInfo:
+    name = device_name(device)
+    sheet = data_sheet(name) if device.type == "cuda" else None
+    if sheet is not None:
+        flops, bandwidth, source = sheet
+    else:
+        flops, bandwidth = measure_bf16_flops(device), measure_bytes_per_s(device)
+        source = "measured here: best 2048^3 bf16 matmul, 256 MiB copy"
+    if peak_tflops is not None:
+        flops, source = peak_tflops * 1e12, f"given (--peak-tflops {peak_tflops}); " + source
+    if peak_gbps is not None:
+        bandwidth, source = peak_gbps * 1e9, f"given (--peak-gbps {peak_gbps}); " + source
+    return DeviceInfo(device.type, name, flops, bandwidth, source, versions())
+
+
+@functools.lru_cache(maxsize=None)
+def flops_per_image(config_name: str, height: int, width: int) -> int:
+    """FLOPs of one denoiser call on one image, counted by torch.utils.flop_counter on meta tensors
+    (convolutions, attention matmuls and linears; the elementwise work is not counted)."""
+    with torch.device("meta"):
+        model = sr3.SR3UNet(sr3.UNetConfig.named(config_name)).eval()
+        image = torch.zeros(1, 3, height, width)
+        level = torch.zeros(1)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(image, image, level)
+    return int(counter.get_total_flops())
+
+
+class CudaEventClock:
+    """A pytest-benchmark timer in seconds read from CUDA events (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._origin: torch.cuda.Event | None = None
+
+    def __call__(self) -> float:
+        torch.cuda.synchronize(self.device)
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        event.synchronize()
+        if self._origin is None:
+            self._origin = event
+            return 0.0
+        return self._origin.elapsed_time(event) / 1e3
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    config: str
+    lr_size: int
+    scale: int
+    batches: tuple[int, ...]
+    steps: int = 100
+
+    @property
+    def size(self) -> int:
+        return self.lr_size * self.scale
+
+
+# Batch 16 on CUDA because the goals name it (fused >= 2.5x eager fp32 there).
+PROBLEMS = {
+    "cuda": Problem("sr3-16-128", lr_size=16, scale=8, batches=(1, 8, 16, 32)),
+    "cpu": Problem("tiny", lr_size=8, scale=4, batches=(1, 8, 32)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One engine configuration: an engine backend, its dtype and its options."""
+
+    backend: str
+    dtype: torch.dtype
+    options: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def id(self) -> str:
+        return f"{self.backend}-{DTYPE_NAMES[self.dtype]}"
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+BASELINE = "eager-fp32"
+# onnxruntime runs fp16 on CUDA and fp32 on the CPU (no bf16 there, see its backend);
+# torch.compile's strongest GPU setting is the baseline the fused backend must beat.
+VARIANTS = {
+    "cuda": (
+        Variant("eager", torch.float32), Variant("eager", torch.bfloat16),
+        Variant("compile", torch.bfloat16, (("mode", "max-autotune"),)),
+        Variant("fused", torch.bfloat16, (("max_graphs", 16),)),
+        Variant("onnxruntime", torch.float16), Variant("tensorrt", torch.bfloat16),
+    ),
+    "cpu": (
+        Variant("eager", torch.float32), Variant("eager", torch.bfloat16),
+        Variant("compile", torch.float32), Variant("compile", torch.bfloat16),
+        Variant("fused", torch.float32), Variant("fused", torch.bfloat16),
+        Variant("onnxruntime", torch.float32), Variant("tensorrt", torch.bfloat16),
+    ),
+}
+
+
+def build_engine(variant: Variant, problem: Problem, device: torch.device) -> sr3.SR3Engine:
+    """The engine a benchmark runs: a seeded random-weight model of `problem.config` (speed does
+    not depend on the weights), the default 100-step ancestral plan, no progress bar."""
+    torch.manual_seed(0)
+    model = sr3.SR3UNet(sr3.UNetConfig.named(problem.config))
+    return sr3.SR3Engine(model, scale=problem.scale, backend=variant.backend, device=device, dtype=variant.dtype,
+                         progress=False, backend_options=dict(variant.options))
+
+
+def variant_named(device: torch.device, name: str) -> Variant:
+    for variant in VARIANTS[device.type]:
+        if variant.id == name:
+            return variant
+    raise ValueError(f"no variant {name!r} on {device.type}; choose one of {[v.id for v in VARIANTS[device.type]]}")
+
+
+def record(benchmark, device_info: DeviceInfo, **fields) -> None:
+    """Put the device, versions and `fields` into the row's extra_info."""
+    benchmark.extra_info.update(device_info.row())
+    benchmark.extra_info.update(fields)
+
+
+def median_seconds(benchmark) -> float | None:
+    """The row's median in seconds; None under --benchmark-disable."""
+    return benchmark.stats["median"] if benchmark.stats is not None else None

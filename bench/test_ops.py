@@ -1,0 +1,111 @@
+"""Per-op benchmarks: GroupNorm+SiLU and the posterior step on every op backend and torch.compile.
+
+    pytest bench/test_ops.py --benchmark-json ops.json
+
+Each row reports GB/s: the bytes the op has to move at least (every input read once, the
+output written once; the per-channel parameters are negligible) over the median time, and
+that as a fraction of the device's memory bandwidth. `compile` is torch.compile of the
+native op (Inductor's own fusion), compiled in the warm-up of each case.
+
+- GroupNorm+SiLU on the activation shapes of sr3-16-128 at 128x128 (32 groups): on CUDA in
+  bf16 channels_last (what the fused engine runs) at batch 1 and 16; on the CPU in fp32 at
+  batch 1 and 4, NCHW and channels_last.
+- The posterior step on the sampling state (B, 3, 128, 128) at batch 1 and 32 and on a
+  (32, 3, 512, 512) state, whose size is bandwidth-bound on any device; with the noise given
+  as a tensor (read like the other inputs) and drawn from a seed (no noise tensor at all).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sr3_engine import ops
+
+from .harness import DTYPE_NAMES, median_seconds, record
+
+BACKENDS = ("native", "triton", "cpp", "compile")
+# (channels, height, width) of the GroupNorm+SiLU inputs of sr3-16-128 at 128x128.
+SR3_16_128_ACTIVATIONS = ((64, 128, 128), (128, 64, 64), (256, 32, 32), (512, 16, 16), (512, 8, 8))
+GROUP_NORM_CASES = {
+    "cuda": [(batch, chw, "channels_last", torch.bfloat16) for batch in (1, 16) for chw in SR3_16_128_ACTIVATIONS],
+    "cpu": [(batch, chw, layout, torch.float32) for batch in (1, 4) for chw in SR3_16_128_ACTIVATIONS
+            for layout in ("nchw", "channels_last")],
+}
+POSTERIOR_SHAPES = ((1, 3, 128, 128), (32, 3, 128, 128), (32, 3, 512, 512))
+COEFFICIENTS = dict(sqrt_recip_gamma=1.3, sqrt_recipm1_gamma=0.8, coef1=0.3, coef2=0.7, sigma=0.05)
+
+
+def _case_id(case) -> str:
+    batch, chw, layout, dtype = case
+    return f"{batch}x{'x'.join(map(str, chw))}-{layout}-{DTYPE_NAMES[dtype]}"
+
+
+def pytest_generate_tests(metafunc):
+    if "group_norm_case" in metafunc.fixturenames:
+        device = metafunc.config._sr3_device.type
+        cases = GROUP_NORM_CASES[device]
+        metafunc.parametrize("group_norm_case", cases, ids=[_case_id(c) for c in cases])
+
+
+def _runner(op_name: str, backend: str, fn, x: torch.Tensor):
+    """fn(backend=...) for an op backend, or torch.compile of the native op; skips what cannot run."""
+    if backend == "compile":
+        # A fresh Dynamo cache per case: the same code object at many shapes would otherwise hit
+        # the recompile limit and silently fall back to eager.
+        torch._dynamo.reset()
+        # Not fullgraph: the seeded native posterior step makes its own torch.Generator, which
+        # Dynamo leaves to eager; that is what a user compiling it gets.
+        return torch.compile(lambda *args, **kwargs: fn(*args, backend="native", **kwargs), dynamic=False)
+    if backend == "triton" and x.device.type != "cuda":
+        pytest.skip("Triton kernels run on CUDA; on the CPU only its interpreter runs them, which says nothing of speed")
+    reason = ops.why_unavailable(op_name, backend, x)
+    if reason is not None:
+        pytest.skip(f"{op_name} on {backend}: {reason}")
+    return lambda *args, **kwargs: fn(*args, backend=backend, **kwargs)
+
+
+def _report(benchmark, device_info, backend: str, bytes_moved: int, **fields) -> None:
+    seconds = median_seconds(benchmark)
+    gbps = bytes_moved / seconds / 1e9 if seconds else None
+    record(benchmark, device_info, kind="op", case=benchmark.group, backend=backend, bytes=bytes_moved,
+           gbps=gbps, bandwidth_fraction=gbps * 1e9 / device_info.peak_bytes_per_s if gbps else None, **fields)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm_silu(benchmark, device, device_info, group_norm_case, backend):
+    batch, (channels, height, width), layout, dtype = group_norm_case
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, channels, height, width, device=device, dtype=dtype, generator=generator)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(channels, device=device, dtype=dtype, generator=generator)
+    bias = torch.randn(channels, device=device, dtype=dtype, generator=generator)
+    run = _runner("group_norm_silu", backend, ops.group_norm_silu, x)
+    benchmark.group = f"group_norm_silu {_case_id(group_norm_case)}"
+    with torch.inference_mode():
+        out = benchmark(run, x, 32, weight, bias)
+    assert out.shape == x.shape and out.dtype == dtype
+    _report(benchmark, device_info, backend, 2 * x.numel() * x.element_size(), op="group_norm_silu",
+            dtype=DTYPE_NAMES[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("noise", ["tensor", "seeded"])
+@pytest.mark.parametrize("shape", POSTERIOR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_posterior_step(benchmark, device, device_info, shape, noise, backend):
+    # The engines keep the state in fp32 and feed eps in the model's dtype: bf16 on CUDA.
+    eps_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    generator = torch.Generator(device).manual_seed(0)
+    y_t = torch.randn(shape, device=device, generator=generator)
+    eps = torch.randn(shape, device=device, generator=generator).to(eps_dtype)
+    noise_kwargs = {"noise": torch.randn(shape, device=device, generator=generator)} if noise == "tensor" else {
+        "seed": 1234, "step": 7}
+    run = _runner("posterior_step", backend, ops.posterior_step, y_t)
+    benchmark.group = f"posterior_step {'x'.join(map(str, shape))}-noise-{noise}"
+    with torch.inference_mode():
+        out = benchmark(run, y_t, eps, **noise_kwargs, **COEFFICIENTS)
+    assert out.shape == y_t.shape
+    tensors = [y_t, eps, out] + ([noise_kwargs["noise"]] if noise == "tensor" else [])
+    _report(benchmark, device_info, backend, sum(t.numel() * t.element_size() for t in tensors),
+            op="posterior_step", dtype="fp32")

@@ -1,0 +1,76 @@
+"""End-to-end `engine.sample` and per-step denoiser latency, every engine backend side by side.
+
+    pytest bench/test_sample.py --benchmark-json sample.json
+
+`test_sample`: one `engine.sample` call of `problem.steps` (100) ancestral steps on a batch
+of low-res images, one warm-up round (which compiles, exports or captures what the backend
+needs) and then `--benchmark-min-rounds` timed rounds. `test_step`: one reverse step (a
+denoiser call and the posterior update) through the same engine backend, from the middle of
+the same 100-step plan. Rows carry FLOPs per step (torch.utils.flop_counter), images/s, ms
+per step and the fraction of the device's bf16 roofline the denoiser's FLOPs reach.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from sr3_engine.samplers import make_plan
+
+from .harness import DTYPE_NAMES, flops_per_image, median_seconds, record
+
+
+def _inputs(device, problem, batch):
+    generator = torch.Generator().manual_seed(batch)
+    return torch.rand(batch, 3, problem.lr_size, problem.lr_size, generator=generator).to(device)
+
+
+def _fields(variant, problem, batch, seconds, steps, device_info):
+    flops_per_step = batch * flops_per_image(problem.config, problem.size, problem.size)
+    fields = dict(variant=variant.id, backend=variant.backend, dtype=DTYPE_NAMES[variant.dtype], batch=batch,
+                  steps=steps, config=problem.config, height=problem.size, width=problem.size,
+                  flops_per_step=flops_per_step)
+    if seconds:
+        fields.update(ms_per_step=seconds / steps * 1e3, images_per_s=batch / seconds,
+                      roofline_fraction=flops_per_step * steps / seconds / device_info.peak_bf16_flops)
+    return fields
+
+
+def test_sample(benchmark, engines, device, device_info, problem, rounds, variant, batch):
+    engine = engines(variant)
+    lr = _inputs(device, problem, batch)
+
+    def sample():
+        return engine.sample(lr, generator=torch.Generator(device).manual_seed(0), steps=problem.steps)
+
+    benchmark.group = f"sample {problem.config} {problem.size}x{problem.size} batch {batch}"
+    hr = benchmark.pedantic(sample, rounds=rounds, warmup_rounds=1, iterations=1)
+    assert hr.shape == (batch, 3, problem.size, problem.size) and bool(torch.isfinite(hr).all())
+    record(benchmark, device_info, kind="sample",
+           **_fields(variant, problem, batch, median_seconds(benchmark), problem.steps, device_info))
+
+
+def test_step(benchmark, engines, device, device_info, problem, variant, batch):
+    engine = engines(variant)
+    full = make_plan(engine.schedule.respaced(problem.steps), engine.sampler)
+    middle = full.num_steps // 2
+    one_step = dataclasses.replace(full, **{
+        f.name: getattr(full, f.name)[middle:middle + 1].copy()
+        for f in dataclasses.fields(full) if isinstance(getattr(full, f.name), np.ndarray)
+    })
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (batch, 3, problem.size, problem.size)
+    x_up = torch.rand(shape, device=device, generator=generator) * 2 - 1
+    y_t = torch.randn(shape, device=device, generator=generator)
+
+    def step():
+        return engine.backend.run(x_up, y_t, one_step, generator=generator, callback=None)
+
+    benchmark.group = f"step {problem.config} {problem.size}x{problem.size} batch {batch}"
+    y = benchmark(step)
+    assert y.shape == shape and bool(torch.isfinite(y).all())
+    record(benchmark, device_info, kind="step", **_fields(variant, problem, batch, median_seconds(benchmark), 1,
+                                                          device_info))

@@ -1,0 +1,225 @@
+"""The benchmark suite's own code: FLOP counts, device peaks, the report. Timings are never
+asserted; the one run of bench/ here has timing disabled and only checks that it still runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import sr3_engine as sr3
+from bench import harness, report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _hand_counted_flops(config_name: str, size: int) -> int:
+    """2 * MACs of every convolution, linear and attention matmul, from shapes seen by hooks."""
+    model = sr3.SR3UNet(sr3.UNetConfig.named(config_name)).eval()
+    total = 0
+
+    def conv_hook(module, inputs, output):
+        nonlocal total
+        kh, kw = module.kernel_size
+        total += 2 * output.numel() * (module.in_channels // module.groups) * kh * kw
+
+    def linear_hook(module, inputs, output):
+        nonlocal total
+        total += 2 * output.numel() * module.in_features
+
+    def attention_hook(module, inputs, output):
+        nonlocal total
+        b, c, h, w = inputs[0].shape
+        total += 2 * 2 * b * (h * w) ** 2 * c  # q k^T, then the weights times v
+
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(conv_hook)
+        elif isinstance(module, nn.Linear):
+            module.register_forward_hook(linear_hook)
+        elif isinstance(module, sr3.unet.SelfAttention):
+            module.register_forward_hook(attention_hook)
+    image = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        model(image, image, torch.zeros(1))
+    return total
+
+
+@pytest.mark.parametrize("config_name, size", [("tiny", 32), ("tiny", 64)])
+def test_flops_per_image_match_a_hand_count(config_name, size):
+    assert harness.flops_per_image(config_name, size, size) == _hand_counted_flops(config_name, size)
+
+
+def test_sr3_16_128_costs_the_92_gflop_per_step_of_the_design():
+    assert harness.flops_per_image("sr3-16-128", 128, 128) / 1e9 == pytest.approx(92.35, abs=0.01)
+
+
+@pytest.mark.parametrize("name, tflops, tbps", [
+    ("NVIDIA H100 80GB HBM3", 989.4, 3.35), ("NVIDIA H100 PCIe", 756.5, 2.0), ("NVIDIA H100 NVL", 835.0, 3.9),
+    ("NVIDIA H200", 989.4, 4.8), ("NVIDIA A100-SXM4-80GB", 312.0, 2.039),
+])
+def test_gpu_peaks_come_from_the_data_sheet(name, tflops, tbps):
+    flops, bandwidth, _ = harness.data_sheet(name)
+    assert (flops, bandwidth) == (tflops * 1e12, tbps * 1e12)
+
+
+def test_an_unknown_device_has_no_data_sheet_and_is_measured():
+    assert harness.data_sheet("Some Future GPU") is None
+    info = harness.describe(torch.device("cpu"))
+    assert info.peak_bf16_flops > 0 and info.peak_bytes_per_s > 0 and "measured" in info.peak_source
+    row = info.row()
+    assert row["torch"] == torch.__version__ and row["device"] == "cpu"
+
+
+def test_given_peaks_replace_the_measured_ones():
+    info = harness.describe(torch.device("cpu"), peak_tflops=2.0, peak_gbps=50.0)
+    assert (info.peak_bf16_flops, info.peak_bytes_per_s) == (2.0e12, 50.0e9)
+    assert "--peak-tflops 2.0" in info.peak_source and "--peak-gbps 50.0" in info.peak_source
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_event_clock_waits_for_the_work_it_times():
+    import time
+
+    device = torch.device("cuda")
+    clock = harness.CudaEventClock(device)
+    a = torch.randn(4096, 4096, device=device)
+    clock()
+    start_events, start_wall = clock(), time.perf_counter()
+    for _ in range(20):
+        a = a @ a.T / 4096  # queued asynchronously: only a clock that synchronises sees their time
+    elapsed_events, elapsed_wall = clock() - start_events, time.perf_counter() - start_wall
+    assert elapsed_events > 0
+    assert elapsed_events == pytest.approx(elapsed_wall, rel=0.2, abs=2e-3)
+
+
+# --- the report, on a run whose numbers are known -------------------------------------------------
+
+DEVICE = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "peak_bf16_tflops": 989.4, "peak_gbps": 3350.0,
+          "peak_source": "NVIDIA H100 SXM5 data sheet", "python": "3.12.3", "torch": "2.11.0", "triton": "3.6.0",
+          "cuda": "13.0", "onnxruntime": "1.22.0", "sr3_engine": "0.1.0", "torch_threads": 16}
+# Seconds per 100-step sample at batch 1, 16, 32.
+SAMPLE_SECONDS = {"eager-fp32": (10.0, 40.0, 80.0), "compile-bf16": (3.0, 12.0, 20.0), "fused-bf16": (2.0, 10.0, 16.0)}
+FLOPS_PER_IMAGE = 92e9
+
+
+def _bench(name, group, median, **extra):
+    return {"name": name, "group": group, "stats": {"median": median}, "extra_info": {**DEVICE, **extra}}
+
+
+def _document(date="2026-11-24T10:00:00", skipped=()):
+    benchmarks = []
+    for variant, seconds in SAMPLE_SECONDS.items():
+        backend, dtype = variant.split("-")
+        for batch, median in zip((1, 16, 32), seconds):
+            flops = batch * FLOPS_PER_IMAGE
+            fields = dict(variant=variant, backend=backend, dtype=dtype, batch=batch, steps=100, config="sr3-16-128",
+                          height=128, width=128, flops_per_step=flops)
+            benchmarks.append(_bench(f"test_sample[{variant}-batch{batch}]", "sample", median, kind="sample",
+                                     images_per_s=batch / median, ms_per_step=median * 10,
+                                     roofline_fraction=flops * 100 / median / 989.4e12, **fields))
+            benchmarks.append(_bench(f"test_step[{variant}-batch{batch}]", "step", median / 100, kind="step",
+                                     **fields))
+    for backend, median in (("native", 4e-4), ("triton", 1e-4)):
+        benchmarks.append(_bench(f"test_group_norm_silu[{backend}]", "gn", median, kind="op", op="group_norm_silu",
+                                 case="group_norm_silu 16x64x128x128", backend=backend, bytes=33554432,
+                                 gbps=33554432 / median / 1e9, bandwidth_fraction=33554432 / median / 3.35e12))
+    return {"datetime": date, "benchmarks": benchmarks, "sr3_command": "pytest bench/ --benchmark-json gpu.json",
+            "sr3_skipped": list(skipped)}
+
+
+@pytest.fixture
+def results(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text(f"# Results\n\nhand-written text\n\n{report.INSERT_MARKER}\n\n## Earlier\n\nkept\n")
+    return path
+
+
+def _write(tmp_path, document, name="bench.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(document))
+    return path
+
+
+def _run_section(text, key):
+    start = text.index(f"<!-- bench-run: {key} -->")
+    return text[start:text.index("<!-- /bench-run -->", start)]
+
+
+def test_report_tables_hold_the_runs_ratios(tmp_path, results):
+    skipped = [{"test": "test_sample", "what": "tensorrt-bf16", "reason": "tensorrt is not installed"}] * 4
+    assert report.main([str(_write(tmp_path, _document(skipped=skipped))), "--results", str(results)]) == 0
+    text = results.read_text()
+    section = _run_section(text, "NVIDIA H100 80GB HBM3 | 2026-11-24")
+    assert "hand-written text" in text and "kept" in text
+    assert "| fused-bf16 vs eager-fp32, batch 1 | >= 4x | 5.00x |" in section
+    assert "| fused-bf16 vs eager-fp32, batch 16 | >= 2.5x | 4.00x |" in section
+    assert "| fused-bf16 vs the faster compile variant, batch 32 | >= 1.25x | 1.25x |" in section
+    roofline = 32 * FLOPS_PER_IMAGE * 100 / 16.0 / 989.4e12
+    assert f"| fused-bf16 bf16 roofline fraction, batch 32 | >= 50% | {100 * roofline:.1f}% |" in section
+    assert "| fused-bf16 | 0.5 | 1.6 | 2 |" in section  # images/s
+    assert "| compile-bf16 | 3.33x | 3.33x | 4.00x |" in section  # speed-up over eager fp32
+    assert "| group_norm_silu 16x64x128x128 | 400, 83.9 (2.5%) | 100, 336 (10.0%) | 4.00x |" in section
+    assert "- `test_sample` tensorrt-bf16 (4 cases): tensorrt is not installed" in section
+    assert "    pytest bench/ --benchmark-json gpu.json" in section
+    chart = results.parent / "RESULTS-cuda-nvidia-h100-80gb-hbm3-2026-11-24.png"
+    assert f"]({chart.name})" in section
+    with Image.open(chart) as image:
+        assert image.format == "PNG" and image.width > 500
+
+
+def test_a_rerun_replaces_its_section_and_keeps_earlier_dates(tmp_path, results):
+    report.main([str(_write(tmp_path, _document("2026-11-20T09:00:00"))), "--results", str(results)])
+    report.main([str(_write(tmp_path, _document("2026-11-24T09:00:00"))), "--results", str(results)])
+    report.main([str(_write(tmp_path, _document("2026-11-24T18:00:00"))), "--results", str(results),
+                 "--command", "make bench-gpu"])
+    text = results.read_text()
+    assert text.count("<!-- bench-run: NVIDIA H100 80GB HBM3 | 2026-11-24 -->") == 1
+    assert text.index("| 2026-11-24 -->") < text.index("| 2026-11-20 -->") < text.index("## Earlier")
+    assert "    make bench-gpu" in _run_section(text, "NVIDIA H100 80GB HBM3 | 2026-11-24")
+
+
+def test_parts_of_one_run_are_merged(tmp_path, results):
+    document = _document()
+    ops = {**document, "benchmarks": [b for b in document["benchmarks"] if b["extra_info"]["kind"] == "op"],
+           "sr3_command": "pytest bench/test_ops.py"}
+    rest = {**document, "benchmarks": [b for b in document["benchmarks"] if b["extra_info"]["kind"] != "op"]}
+    paths = [str(_write(tmp_path, ops, "ops.json")), str(_write(tmp_path, rest, "rest.json"))]
+    assert report.main([*paths, "--results", str(results)]) == 0
+    section = _run_section(results.read_text(), "NVIDIA H100 80GB HBM3 | 2026-11-24")
+    assert "#### Per op" in section and "#### End to end" in section
+    assert "pytest bench/test_ops.py; pytest bench/ --benchmark-json gpu.json" in section
+
+
+def test_report_errors_name_the_file_and_write_nothing(tmp_path, results, capsys):
+    before = results.read_text()
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert report.main([str(broken), "--results", str(results)]) == 1
+    assert str(broken) in capsys.readouterr().err
+    foreign = _write(tmp_path, {"benchmarks": [{"name": "x", "stats": {"median": 1.0}, "extra_info": {}}]})
+    assert report.main([str(foreign), "--results", str(results)]) == 1
+    assert "was not written by bench/" in capsys.readouterr().err
+    no_marker = tmp_path / "NO_MARKER.md"
+    no_marker.write_text("# nothing to insert after\n")
+    assert report.main([str(_write(tmp_path, _document())), "--results", str(no_marker)]) == 1
+    assert str(no_marker) in capsys.readouterr().err
+    assert results.read_text() == before
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_the_benchmark_suite_still_runs(tmp_path):
+    # Timing disabled: every kind of row runs once on the CPU, which catches a broken suite early.
+    cases = "(eager-fp32 or fused-fp32) and batch1 or 1x512x8x8-nchw and native or 1x3x128x128 and cpp"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench", "--device",
+                             "cpu", "--benchmark-disable", "-k", cases], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "7 passed" in result.stdout
