@@ -50,10 +50,9 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     device = config._sr3_device
-    # One clock per session, so that every round is measured against the same origin event.
     marker_options = {"warmup": True, "warmup_iterations": 10}
     if device.type == "cuda":
-        marker_options["timer"] = harness.CudaEventClock(device)
+        marker_options["timer"] = harness.CudaSyncClock(device)
     for item in items:
         item.add_marker(pytest.mark.benchmark(**marker_options))
 
@@ -63,14 +62,14 @@ def pytest_runtest_makereport(item, call):
     report = yield
     if report.skipped:
         params = item.callspec.params if hasattr(item, "callspec") else {}
-        what = params.get("variant").id if "variant" in params else params.get("backend", "")
+        backend = params["variant"].id if "variant" in params else params.get("backend", "")
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        _skipped.append({"test": item.originalname, "what": what, "reason": reason.removeprefix("Skipped: ")})
+        _skipped.append({"test": item.originalname, "backend": backend, "reason": reason.removeprefix("Skipped: ")})
     return report
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    output_json["sr3_command"] = shlex.join(["pytest", *config.invocation_params.args])
+    output_json["sr3_command"] = shlex.join(["python", "-m", "pytest", *config.invocation_params.args])
     output_json["sr3_skipped"] = list(_skipped)
 
 

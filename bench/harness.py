@@ -6,16 +6,19 @@ or a GPU not in the table, there is no dependable data sheet figure, so both are
 here: the best of a few 2048^3 bf16 matmuls, and a 256 MiB tensor copy (read + write).
 Either can be overridden (`--peak-tflops`, `--peak-gbps`); the source goes into every row.
 
-Clock. CUDA work is asynchronous, so on a CUDA device a benchmark round is timed by CUDA
-events: the clock synchronises the device, records an event on the current stream, waits
-for it and returns the time since the first event. A round's start and end are therefore
-both points at which every earlier kernel has finished.
+Clock. CUDA work is asynchronous, so on a CUDA device the clock synchronises the device and
+then reads perf_counter: a round starts and ends at points where every earlier kernel has
+finished. (CUDA events would give the same bounds, but their elapsed time is float32
+milliseconds from an origin, which loses microseconds over a long session.) Per-op rounds
+on CUDA replay a CUDA graph of many calls (see `CallGraph`), so that what is timed is the
+kernels, not Python and launch overhead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import platform
 import time
@@ -27,15 +30,18 @@ import sr3_engine as sr3
 
 # (substring of torch.cuda.get_device_name(), dense bf16 TFLOP/s, memory TB/s, data sheet), first match wins.
 GPU_DATA_SHEETS = (
-    ("H200 NVL", 835.0, 4.8, "NVIDIA H200 NVL data sheet"),
+    ("H200 NVL", 835.5, 4.8, "NVIDIA H200 NVL data sheet"),
     ("H200", 989.4, 4.8, "NVIDIA H200 SXM data sheet"),
-    ("H100 NVL", 835.0, 3.9, "NVIDIA H100 NVL data sheet"),
+    ("H100 NVL", 835.5, 3.9, "NVIDIA H100 NVL data sheet"),
     ("H100 PCIe", 756.5, 2.0, "NVIDIA H100 PCIe data sheet"),
     ("H100", 989.4, 3.35, "NVIDIA H100 SXM5 data sheet"),
     ("A100-SXM4-80GB", 312.0, 2.039, "NVIDIA A100 SXM4 80GB data sheet"),
     ("A100-SXM4-40GB", 312.0, 1.555, "NVIDIA A100 SXM4 40GB data sheet"),
     ("A100 80GB PCIe", 312.0, 1.935, "NVIDIA A100 PCIe 80GB data sheet"),
 )
+# A MIG slice has a fraction of the GPU's peaks, and a Grace Hopper (GH200) has other memory
+# than its H100/H200 namesakes: those are measured.
+NOT_IN_DATA_SHEETS = ("MIG", "GH200")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +88,11 @@ def versions() -> dict:
         "onnxruntime": onnxruntime_version,
         "sr3_engine": getattr(sr3, "__version__", "unknown"),
         "torch_threads": torch.get_num_threads(),
+        # PyTorch's defaults let fp32 convolutions run on TF32 tensor cores: the "fp32" baseline depends on them.
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else "none",
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
 
 
@@ -99,6 +110,8 @@ def device_name(device: torch.device) -> str:
 
 def data_sheet(name: str) -> tuple[float, float, str] | None:
     """(bf16 FLOP/s, bytes/s, source) for a GPU named in GPU_DATA_SHEETS, else None."""
+    if any(marker in name for marker in NOT_IN_DATA_SHEETS):
+        return None
     for key, tflops, tbps, source in GPU_DATA_SHEETS:
         if key in name:
             return tflops * 1e12, tbps * 1e12, source
@@ -140,8 +153,9 @@ def describe(device: torch.device, peak_tflops: float | None = None, peak_gbps: 
     if sheet is not None:
         flops, bandwidth, source = sheet
     else:
-        flops, bandwidth = measure_bf16_flops(device), measure_bytes_per_s(device)
-        source = "measured here: best 2048^3 bf16 matmul, 256 MiB copy"
+        size = 8192 if device.type == "cuda" else 2048  # a GPU needs a large matmul to come near its peak
+        flops, bandwidth = measure_bf16_flops(device, size), measure_bytes_per_s(device)
+        source = f"measured here: best {size}^3 bf16 matmul, 256 MiB copy"
     if peak_tflops is not None:
         flops, source = peak_tflops * 1e12, f"given (--peak-tflops {peak_tflops}); " + source
     if peak_gbps is not None:
@@ -162,22 +176,47 @@ def flops_per_image(config_name: str, height: int, width: int) -> int:
     return int(counter.get_total_flops())
 
 
-class CudaEventClock:
-    """A pytest-benchmark timer in seconds read from CUDA events (see the module docstring)."""
+class CudaSyncClock:
+    """A pytest-benchmark timer: perf_counter read after a device-wide synchronise."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._origin: torch.cuda.Event | None = None
 
     def __call__(self) -> float:
         torch.cuda.synchronize(self.device)
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(self.device))
-        event.synchronize()
-        if self._origin is None:
-            self._origin = event
-            return 0.0
-        return self._origin.elapsed_time(event) / 1e3
+        return time.perf_counter()
+
+    def __repr__(self) -> str:
+        return f"CudaSyncClock({self.device})"
+
+
+class CallGraph:
+    """`calls` calls of fn(*args, **kwargs) captured in one CUDA graph, cycling through copies of
+    the inputs made by `make_inputs()` (enough copies to exceed twice the L2 cache, at most
+    `max_copies`), so that a replay times the kernels, and each call reads from memory as it
+    would inside a model. `output` is the last call's result."""
+
+    def __init__(self, fn, make_inputs, bytes_per_call: int, device: torch.device, *, min_calls: int = 20,
+                 max_copies: int = 2048):
+        l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+        copies = max(1, min(max_copies, math.ceil(2 * l2_bytes / bytes_per_call)))
+        self.calls = max(min_calls, copies)
+        self._inputs = [make_inputs() for _ in range(copies)]
+        # Warm-up off the capture stream compiles (or autotunes) every kernel, so capture records launches only.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            args, kwargs = self._inputs[0]
+            fn(*args, **kwargs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            for i in range(self.calls):
+                args, kwargs = self._inputs[i % copies]
+                self.output = fn(*args, **kwargs)
+
+    def replay(self) -> None:
+        self.graph.replay()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +241,8 @@ PROBLEMS = {
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One engine configuration: an engine backend, its dtype and its options."""
+    """One engine configuration: an engine backend, its dtype and its options. The id names the
+    backend and dtype only: a device's variants differ in those, and engines are cached by it."""
 
     backend: str
     dtype: torch.dtype
@@ -214,19 +254,21 @@ class Variant:
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-BASELINE = "eager-fp32"
 # onnxruntime runs fp16 on CUDA and fp32 on the CPU (no bf16 there, see its backend);
 # torch.compile's strongest GPU setting is the baseline the fused backend must beat.
 VARIANTS = {
     "cuda": (
         Variant("eager", torch.float32), Variant("eager", torch.bfloat16),
-        Variant("compile", torch.bfloat16, (("mode", "max-autotune"),)),
+        Variant("compile", torch.bfloat16, (("mode", "max-autotune"), ("dynamic", False))),
         Variant("fused", torch.bfloat16, (("max_graphs", 16),)),
-        Variant("onnxruntime", torch.float16), Variant("tensorrt", torch.bfloat16),
+        Variant("onnxruntime", torch.float16),
+        Variant("tensorrt", torch.bfloat16, (("min_shape", (1, 128, 128)), ("opt_shape", (16, 128, 128)),
+                                            ("max_shape", (32, 128, 128)))),
     ),
     "cpu": (
         Variant("eager", torch.float32), Variant("eager", torch.bfloat16),
-        Variant("compile", torch.float32), Variant("compile", torch.bfloat16),
+        Variant("compile", torch.float32, (("dynamic", False),)),
+        Variant("compile", torch.bfloat16, (("dynamic", False),)),
         Variant("fused", torch.float32), Variant("fused", torch.bfloat16),
         Variant("onnxruntime", torch.float32), Variant("tensorrt", torch.bfloat16),
     ),

@@ -12,6 +12,7 @@ import argparse
 from collections import defaultdict
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from .harness import PROBLEMS, build_engine, variant_named
@@ -22,6 +23,8 @@ def top_kernels(events, on_cuda: bool, top: int) -> tuple[list[tuple[str, float,
     totals: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     for event in events:
+        if on_cuda and (event.device_type != DeviceType.CUDA or event.is_user_annotation):
+            continue  # the CPU op that launched a kernel carries the kernel's time as well: count it once
         self_us = event.self_device_time_total if on_cuda else event.self_cpu_time_total
         if self_us > 0:
             totals[event.key] += self_us / 1e3

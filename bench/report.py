@@ -65,19 +65,25 @@ def load(paths: list[Path]) -> Run:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
             raise ReportError(f"{path}: not a pytest-benchmark JSON file ({error})") from None
         rows = []
-        for bench in benchmarks:
-            extra = bench.get("extra_info", {})
-            if "kind" not in extra:
-                raise ReportError(f"{path}: benchmark {bench.get('name')!r} was not written by bench/ (no extra_info.kind)")
-            rows.append({**extra, "median": bench["stats"]["median"], "name": bench["name"]})
-        if not rows:
-            raise ReportError(f"{path}: holds no benchmark rows (was it run with --benchmark-disable?)")
-        first = rows[0]
+        try:
+            for bench in benchmarks:
+                extra = bench.get("extra_info", {})
+                if "kind" not in extra:
+                    raise ReportError(f"{path}: benchmark {bench.get('name')!r} was not written by bench/ "
+                                      "(no extra_info.kind)")
+                rows.append({**extra, "median": bench["stats"]["median"], "iqr": bench["stats"].get("iqr"),
+                             "name": bench["name"]})
+            if not rows:
+                raise ReportError(f"{path}: holds no benchmark rows (was it run with --benchmark-disable?)")
+            first = rows[0]
+            device, device_name = first["device"], first["device_name"]
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ReportError(f"{path}: a benchmark row lacks a field bench/ writes ({error!r})") from None
         if run is None:
-            run = Run(first["device"], first["device_name"], document.get("datetime", "")[:10],
-                      document.get("sr3_command", "pytest bench/"), first)
-        elif first["device_name"] != run.device_name:
-            raise ReportError(f"{path}: measured on {first['device_name']}, not {run.device_name}; "
+            run = Run(device, device_name, document.get("datetime", "")[:10],
+                      document.get("sr3_command", "python -m pytest bench/"), first)
+        elif device_name != run.device_name:
+            raise ReportError(f"{path}: measured on {device_name}, not {run.device_name}; "
                               "report one device at a time")
         elif document.get("sr3_command") and document["sr3_command"] not in run.command:
             run.command += "; " + document["sr3_command"]
@@ -114,7 +120,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _by_variant_and_batch(rows: list[dict]) -> tuple[list[str], list[int], dict[tuple[str, int], dict]]:
     cells = {(row["variant"], row["batch"]): row for row in rows}
-    # The suite's own order (eager, compile, fused, exported), the baseline first.
+    # The order the rows came in (one JSON: the suite's own), the baseline first.
     variants = sorted(dict.fromkeys(row["variant"] for row in rows), key=lambda v: v != BASELINE)
     batches = sorted({row["batch"] for row in rows})
     return variants, batches, cells
@@ -126,6 +132,12 @@ def speedup(cells: dict, variant: str, batch: int, over: str = BASELINE) -> floa
     return cells[(over, batch)]["median"] / cells[(variant, batch)]["median"]
 
 
+def images_per_s(row: dict) -> str:
+    if not row.get("iqr"):
+        return fmt(row["images_per_s"])
+    return f"{fmt(row['images_per_s'])} ±{100 * row['iqr'] / row['median'] / 2:.0f}%"
+
+
 def end_to_end_tables(run: Run) -> list[str]:
     rows = run.kind("sample")
     if not rows:
@@ -134,9 +146,10 @@ def end_to_end_tables(run: Run) -> list[str]:
     first = rows[0]
     columns = [f"batch {b}" for b in batches]
     lines = [f"#### End to end: `engine.sample`, {first['config']} at {first['height']}x{first['width']}, "
-             f"{first['steps']} steps", "", "Images/s (higher is better):", ""]
+             f"{first['steps']} steps", "", "Images/s (higher is better; ± half the interquartile range of the "
+             "rounds, relative):", ""]
     lines += _table(["backend", *columns], [
-        [v, *(fmt(cells[(v, b)]["images_per_s"]) if (v, b) in cells else "-" for b in batches)] for v in variants])
+        [v, *(images_per_s(cells[(v, b)]) if (v, b) in cells else "-" for b in batches)] for v in variants])
     lines += ["", f"Speed-up over {BASELINE} at the same batch:", ""]
     lines += _table(["backend", *columns], [[v, *(ratio(speedup(cells, v, b)) for b in batches)] for v in variants])
     lines += ["", f"Fraction of the bf16 FLOP roofline ({fmt(first['flops_per_step'] / first['batch'] / 1e9)} "
@@ -159,6 +172,11 @@ def step_table(run: Run) -> list[str]:
     return lines + [""]
 
 
+def per_call(row: dict) -> float:
+    """Seconds per op call: on CUDA a round replays a graph of `calls_per_round` calls."""
+    return row["median"] / row.get("calls_per_round", 1)
+
+
 def op_table(run: Run) -> list[str]:
     rows = run.kind("op")
     if not rows:
@@ -174,12 +192,12 @@ def op_table(run: Run) -> list[str]:
         for b in backends:
             row = by_backend.get(b)
             cells.append("-" if row is None else
-                         f"{fmt(row['median'] * 1e6)}, {fmt(row['gbps'])} ({percent(row['bandwidth_fraction'])})")
+                         f"{fmt(per_call(row) * 1e6)}, {fmt(row['gbps'])} ({percent(row['bandwidth_fraction'])})")
         for b in backends[1:]:
             native, other = by_backend.get("native"), by_backend.get(b)
-            cells.append(ratio(native["median"] / other["median"]) if native and other else "-")
+            cells.append(ratio(per_call(native) / per_call(other)) if native and other else "-")
         table_rows.append(cells)
-    return ["#### Per op: median time, bytes moved / time", "", *_table(header, table_rows), "",
+    return ["#### Per op: median time per call, bytes moved / time", "", *_table(header, table_rows), "",
             "Above 100% of the bandwidth, the bytes the op moves stayed in cache between rounds: the peak is "
             "the device memory's, measured or from the data sheet.", ""]
 
@@ -217,12 +235,12 @@ def goals_table(run: Run) -> list[str]:
 def skipped_lines(run: Run) -> list[str]:
     cases: dict[tuple[str, str, str], int] = defaultdict(int)
     for skip in run.skipped:
-        cases[(skip["test"], skip.get("what", ""), skip["reason"])] += 1
+        cases[(skip["test"], skip.get("backend", ""), skip["reason"])] += 1
     if not cases:
         return []
     return ["Not measured in this run:", "", *(
-        f"- `{test}` {what} ({count} case{'s' if count > 1 else ''}): {reason}"
-        for (test, what, reason), count in sorted(cases.items())), ""]
+        f"- `{test}` {backend} ({count} case{'s' if count > 1 else ''}): {reason}"
+        for (test, backend, reason), count in sorted(cases.items())), ""]
 
 
 def section(run: Run, chart_name: str | None) -> str:

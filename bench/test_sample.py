@@ -48,9 +48,10 @@ def test_sample(benchmark, engines, device, device_info, problem, rounds, varian
 
     benchmark.group = f"sample {problem.config} {problem.size}x{problem.size} batch {batch}"
     hr = benchmark.pedantic(sample, rounds=rounds, warmup_rounds=1, iterations=1)
-    assert hr.shape == (batch, 3, problem.size, problem.size) and bool(torch.isfinite(hr).all())
+    # Recorded before the checks: a failed check must not leave a row the report cannot read.
     record(benchmark, device_info, kind="sample",
            **_fields(variant, problem, batch, median_seconds(benchmark), problem.steps, device_info))
+    assert hr.shape == (batch, 3, problem.size, problem.size) and bool(torch.isfinite(hr).all())
 
 
 def test_step(benchmark, engines, device, device_info, problem, variant, batch):
@@ -71,6 +72,6 @@ def test_step(benchmark, engines, device, device_info, problem, variant, batch):
 
     benchmark.group = f"step {problem.config} {problem.size}x{problem.size} batch {batch}"
     y = benchmark(step)
-    assert y.shape == shape and bool(torch.isfinite(y).all())
     record(benchmark, device_info, kind="step", **_fields(variant, problem, batch, median_seconds(benchmark), 1,
                                                           device_info))
+    assert y.shape == shape and bool(torch.isfinite(y).all())

@@ -127,7 +127,9 @@ def run_plan(model: nn.Module, x_up: torch.Tensor, y_T: torch.Tensor, plan: Samp
     """Apply `plan` from y_T. The state stays float32 whatever the model's dtype, so rounding
     does not accumulate over the steps. Raises FloatingPointError naming the first step that
     produced NaN or Inf (checked once at the end, so there is no per-step sync)."""
-    y = y_T.float()
+    # A copy even when y_T is float32 already: under inference_mode every step's y is then an
+    # inference tensor, so a compiled model sees one kind of input and does not recompile after step 1.
+    y = y_T.to(torch.float32, copy=True)
     batch = y.shape[0]
     nonfinite = torch.zeros(plan.num_steps, dtype=torch.bool, device=y.device)
     for i in range(plan.num_steps):

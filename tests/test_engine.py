@@ -253,3 +253,21 @@ def test_compile_backend_compiles_native_ops_unless_told_otherwise(tiny_model, o
         pytest.skip(sr3.ops.why_unavailable("group_norm_silu", op_backend, lr))
     engine = _engine(tiny_model, backend="compile", op_backend=op_backend, backend_options={"compiler": "aot_eager"})
     assert engine.backend.op_backend == ("native" if op_backend == "auto" else op_backend)
+
+
+def test_compile_backend_compiles_once_per_shape(tiny_model):
+    # Step 1 used to get the caller's tensor and later steps inference tensors, a second compile.
+    graphs = []
+
+    def counting_compiler(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    engine = _engine(tiny_model, backend="compile", backend_options={"compiler": counting_compiler, "dynamic": False})
+    lr = torch.rand(2, 3, 4, 4)
+    engine.sample(lr, generator=_seeded(0))
+    engine.sample(lr, generator=_seeded(1))
+    assert len(graphs) == 1
+    engine.sample(torch.rand(1, 3, 4, 4), generator=_seeded(0))
+    assert len(graphs) == 2
