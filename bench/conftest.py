@@ -11,6 +11,7 @@ JSON keeps (`sr3_skipped`) so that the report can list it.
 from __future__ import annotations
 
 import shlex
+import time
 
 import pytest
 import torch
@@ -46,13 +47,12 @@ def _bench_device(config) -> torch.device:
 
 def pytest_configure(config):
     config._sr3_device = _bench_device(config)
+    config._sr3_clock = harness.CudaSyncClock(config._sr3_device) if config._sr3_device.type == "cuda" \
+        else time.perf_counter
 
 
 def pytest_collection_modifyitems(config, items):
-    device = config._sr3_device
-    marker_options = {"warmup": True, "warmup_iterations": 10}
-    if device.type == "cuda":
-        marker_options["timer"] = harness.CudaSyncClock(device)
+    marker_options = {"warmup": True, "warmup_iterations": 10, "timer": config._sr3_clock}
     for item in items:
         item.add_marker(pytest.mark.benchmark(**marker_options))
 
@@ -76,6 +76,12 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
 @pytest.fixture(scope="session")
 def device(pytestconfig) -> torch.device:
     return pytestconfig._sr3_device
+
+
+@pytest.fixture(scope="session")
+def clock(pytestconfig):
+    """The benchmarks' timer, for measurements made beside pytest-benchmark's."""
+    return pytestconfig._sr3_clock
 
 
 @pytest.fixture(scope="session")

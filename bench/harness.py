@@ -254,6 +254,8 @@ class Variant:
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# What every speed-up is taken over.
+BASELINE = Variant("eager", torch.float32)
 # onnxruntime runs fp16 on CUDA and fp32 on the CPU (no bf16 there, see its backend);
 # torch.compile's strongest GPU setting is the baseline the fused backend must beat.
 VARIANTS = {

@@ -4,7 +4,8 @@
 
 `test_sample`: one `engine.sample` call of `problem.steps` (100) ancestral steps on a batch
 of low-res images, one warm-up round (which compiles, exports or captures what the backend
-needs) and then `--benchmark-min-rounds` timed rounds. `test_step`: one reverse step (a
+needs) and then `--benchmark-min-rounds` timed rounds, each right after a round of the
+eager-fp32 baseline whose median goes into the row (`paired_baseline_seconds`). `test_step`: one reverse step (a
 denoiser call and the posterior update) through the same engine backend, from the middle of
 the same 100-step plan. Rows carry FLOPs per step (torch.utils.flop_counter), images/s, ms
 per step and the fraction of the device's bf16 roofline the denoiser's FLOPs reach.
@@ -13,6 +14,7 @@ per step and the fraction of the device's bf16 roofline the denoiser's FLOPs rea
 from __future__ import annotations
 
 import dataclasses
+import statistics
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ import torch
 
 from sr3_engine.samplers import make_plan
 
-from .harness import DTYPE_NAMES, flops_per_image, median_seconds, record
+from .harness import BASELINE, DTYPE_NAMES, flops_per_image, median_seconds, record
 
 
 def _inputs(device, problem, batch):
@@ -39,17 +41,29 @@ def _fields(variant, problem, batch, seconds, steps, device_info):
     return fields
 
 
-def test_sample(benchmark, engines, device, device_info, problem, rounds, variant, batch):
+def test_sample(benchmark, engines, clock, device, device_info, problem, rounds, variant, batch):
     engine = engines(variant)
     lr = _inputs(device, problem, batch)
 
-    def sample():
-        return engine.sample(lr, generator=torch.Generator(device).manual_seed(0), steps=problem.steps)
+    def sample_on(chosen):
+        return chosen.sample(lr, generator=torch.Generator(device).manual_seed(0), steps=problem.steps)
+
+    # Each round of a backend follows one round of the baseline, timed by the same clock, so that
+    # the speed-up compares runs made under the same machine conditions (shared machines drift).
+    baseline = engines(BASELINE) if variant != BASELINE else None
+    baseline_seconds: list[float] = []
+
+    def run_baseline() -> None:
+        start = clock()
+        sample_on(baseline)
+        baseline_seconds.append(clock() - start)
 
     benchmark.group = f"sample {problem.config} {problem.size}x{problem.size} batch {batch}"
-    hr = benchmark.pedantic(sample, rounds=rounds, warmup_rounds=1, iterations=1)
+    hr = benchmark.pedantic(sample_on, args=(engine,), setup=run_baseline if baseline is not None else None,
+                            rounds=rounds, warmup_rounds=1, iterations=1)
+    paired = statistics.median(baseline_seconds[-rounds:]) if baseline_seconds and benchmark.stats else None
     # Recorded before the checks: a failed check must not leave a row the report cannot read.
-    record(benchmark, device_info, kind="sample",
+    record(benchmark, device_info, kind="sample", paired_baseline_seconds=paired,
            **_fields(variant, problem, batch, median_seconds(benchmark), problem.steps, device_info))
     assert hr.shape == (batch, 3, problem.size, problem.size) and bool(torch.isfinite(hr).all())
 
