@@ -257,6 +257,14 @@ def skipped_lines(run: Run) -> list[str]:
         for (test, backend, reason), count in sorted(cases.items())), ""]
 
 
+def tf32_note(run: Run) -> str:
+    if run.device != "cuda":
+        return ""
+    convolutions = "TF32" if run.info.get("cudnn_allow_tf32") else "full fp32"
+    matmuls = "TF32" if run.info.get("matmul_allow_tf32") else "full fp32"
+    return f" In fp32 rows convolutions run in {convolutions} and matmuls in {matmuls} (torch.backends settings)."
+
+
 def section(run: Run, chart_name: str | None) -> str:
     info = run.info
     heading = "GPU" if run.device == "cuda" else "CPU"
@@ -267,7 +275,7 @@ def section(run: Run, chart_name: str | None) -> str:
         f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, onnxruntime {info['onnxruntime']}, "
         f"Python {info['python']}, {info['torch_threads']} torch threads, sr3_engine {info['sr3_engine']}. "
         f"Peaks: {fmt(info['peak_bf16_tflops'])} TFLOP/s bf16, {fmt(info['peak_gbps'])} GB/s "
-        f"({info['peak_source']}). Medians of one run, side by side. Command:",
+        f"({info['peak_source']}).{tf32_note(run)} Medians of one run, side by side. Command:",
         "",
         f"    {run.command}",
         "",

@@ -104,7 +104,8 @@ def test_the_cuda_clock_waits_for_the_work_it_times():
 
 DEVICE = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "peak_bf16_tflops": 989.4, "peak_gbps": 3350.0,
           "peak_source": "NVIDIA H100 SXM5 data sheet", "python": "3.12.3", "torch": "2.11.0", "triton": "3.6.0",
-          "cuda": "13.0", "onnxruntime": "1.22.0", "sr3_engine": "0.1.0", "torch_threads": 16}
+          "cuda": "13.0", "onnxruntime": "1.22.0", "sr3_engine": "0.1.0", "torch_threads": 16,
+          "cudnn_allow_tf32": True, "matmul_allow_tf32": False}
 # Seconds per 100-step sample at batch 1, 16, 32.
 SAMPLE_SECONDS = {"eager-fp32": (10.0, 40.0, 80.0), "compile-bf16": (3.0, 12.0, 20.0), "fused-bf16": (2.0, 10.0, 16.0)}
 FLOPS_PER_IMAGE = 92e9
@@ -170,6 +171,7 @@ def test_report_tables_hold_the_runs_ratios(tmp_path, results):
     assert "| group_norm_silu 16x64x128x128 | 400, 83.9 (2.5%) | 100, 336 (10.0%) | 4.00x |" in section
     assert "- `test_sample` tensorrt-bf16 (4 cases): tensorrt is not installed" in section
     assert "    python -m pytest bench/ --benchmark-json gpu.json" in section
+    assert "convolutions run in TF32 and matmuls in full fp32" in section
     chart = results.parent / "RESULTS-cuda-nvidia-h100-80gb-hbm3-2026-11-24.png"
     assert f"]({chart.name})" in section
     with Image.open(chart) as image:
