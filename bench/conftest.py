@@ -46,9 +46,9 @@ def _bench_device(config) -> torch.device:
 
 
 def pytest_configure(config):
-    config._sr3_device = _bench_device(config)
-    config._sr3_clock = harness.CudaSyncClock(config._sr3_device) if config._sr3_device.type == "cuda" \
-        else time.perf_counter
+    device = _bench_device(config)
+    config._sr3_device = device
+    config._sr3_clock = harness.CudaSyncClock(device) if device.type == "cuda" else time.perf_counter
 
 
 def pytest_collection_modifyitems(config, items):
