@@ -64,7 +64,8 @@ def pytest_runtest_makereport(item, call):
         params = item.callspec.params if hasattr(item, "callspec") else {}
         backend = params["variant"].id if "variant" in params else params.get("backend", "")
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        _skipped.append({"test": item.originalname, "backend": backend, "reason": reason.removeprefix("Skipped: ")})
+        _skipped.append({"test": item.originalname, "case": item.callspec.id if params else "", "backend": backend,
+                         "reason": reason.removeprefix("Skipped: ")})
     return report
 
 
@@ -117,7 +118,7 @@ def engines(device, problem):
         return engine
 
     yield get
-    built.clear()
+    built.clear()  # drop the engines (and their weights and graphs) before handing memory back to the driver
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -9,6 +9,7 @@ That table names the largest remaining cost in bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import time
 from collections import defaultdict
 
 import torch
@@ -61,13 +62,17 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize(device)
 
     sample()
+    start = time.perf_counter()
+    sample()
+    wall_ms = (time.perf_counter() - start) * 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
         sample()
     ranked, total_ms = top_kernels(profiler.key_averages(), device.type == "cuda", args.top)
     where = "GPU kernel" if device.type == "cuda" else "CPU operator"
     print(f"{variant.id}, {problem.config} {problem.size}x{problem.size}, batch {args.batch}, {steps} steps on "
-          f"{device.type}: {total_ms:.1f} ms of {where} self time\n")
+          f"{device.type}: {wall_ms:.1f} ms wall time unprofiled, {total_ms:.1f} ms of {where} self time "
+          "profiled\n")
     print(f"| {where} | self ms | share | calls |")
     print("|---|---|---|---|")
     for name, ms, count in ranked:

@@ -36,15 +36,44 @@ class ReportError(Exception):
     """A JSON or RESULTS.md the report cannot use; the message names the file."""
 
 
+# Fields bench/ writes into every row's extra_info, and those of each kind of row.
+COMMON_FIELDS = ("device", "device_name", "peak_bf16_tflops", "peak_gbps", "peak_source", "python", "torch",
+                 "triton", "cuda", "onnxruntime", "sr3_engine", "torch_threads")
+KIND_FIELDS = {
+    "sample": ("variant", "backend", "batch", "steps", "config", "height", "width", "flops_per_step",
+               "images_per_s", "roofline_fraction"),
+    "step": ("variant", "backend", "batch", "steps", "config", "height", "width", "flops_per_step"),
+    "op": ("case", "backend", "gbps", "bandwidth_fraction"),
+}
+
+
+@dataclass
+class Part:
+    """One pytest-benchmark JSON file: one pytest session."""
+
+    path: Path
+    datetime: str
+    command: str | None
+    rows: list[dict]
+    skipped: list[dict]
+
+
 @dataclass
 class Run:
+    """The parts of one device's run, merged; `info` is the first row of the earliest part."""
+
     device: str
     device_name: str
     date: str
-    command: str
+    commands: list[str]
     info: dict
+    parts: int
     rows: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def command(self) -> str:
+        return "; ".join(self.commands) if self.commands else "(not recorded in the JSON)"
 
     @property
     def key(self) -> str:
@@ -54,57 +83,78 @@ class Run:
     def slug(self) -> str:
         return re.sub(r"[^a-z0-9]+", "-", f"{self.device}-{self.device_name}-{self.date}".lower()).strip("-")
 
-    def kind(self, kind: str) -> list[dict]:
+    def rows_of(self, kind: str) -> list[dict]:
         return [row for row in self.rows if row["kind"] == kind]
 
 
+def read_part(path: Path) -> Part:
+    try:
+        document = json.loads(path.read_text())
+        benchmarks = document["benchmarks"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ReportError(f"{path}: not a pytest-benchmark JSON file ({error})") from None
+    rows = []
+    try:
+        for bench in benchmarks:
+            extra = bench.get("extra_info", {})
+            kind = extra.get("kind")
+            if kind not in KIND_FIELDS:
+                raise ReportError(f"{path}: benchmark {bench.get('name')!r} was not written by bench/ "
+                                  "(no known extra_info.kind)")
+            missing = [name for name in COMMON_FIELDS + KIND_FIELDS[kind] if name not in extra]
+            if missing:
+                raise ReportError(f"{path}: benchmark {bench['name']!r} lacks {', '.join(missing)}")
+            rows.append({**extra, "median": bench["stats"]["median"], "iqr": bench["stats"].get("iqr"),
+                         "name": bench["name"]})
+        skipped = document.get("sr3_skipped", [])
+        for skip in skipped:
+            if not all(isinstance(skip.get(name), str) for name in ("test", "reason")):
+                raise ReportError(f"{path}: a sr3_skipped entry lacks its test or reason: {skip!r}")
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ReportError(f"{path}: a benchmark row lacks a field pytest-benchmark writes ({error!r})") from None
+    if not rows:
+        raise ReportError(f"{path}: holds no benchmark rows (was it run with --benchmark-disable?)")
+    return Part(path, str(document.get("datetime", "")), document.get("sr3_command"), rows, skipped)
+
+
 def load(paths: list[Path]) -> Run:
-    run: Run | None = None
-    for path in paths:
-        try:
-            document = json.loads(path.read_text())
-            benchmarks = document["benchmarks"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ReportError(f"{path}: not a pytest-benchmark JSON file ({error})") from None
-        rows = []
-        try:
-            for bench in benchmarks:
-                extra = bench.get("extra_info", {})
-                if "kind" not in extra:
-                    raise ReportError(f"{path}: benchmark {bench.get('name')!r} was not written by bench/ "
-                                      "(no extra_info.kind)")
-                rows.append({**extra, "median": bench["stats"]["median"], "iqr": bench["stats"].get("iqr"),
-                             "name": bench["name"]})
-            if not rows:
-                raise ReportError(f"{path}: holds no benchmark rows (was it run with --benchmark-disable?)")
-            first = rows[0]
-            device, device_name = first["device"], first["device_name"]
-        except (KeyError, TypeError, AttributeError) as error:
-            raise ReportError(f"{path}: a benchmark row lacks a field bench/ writes ({error!r})") from None
-        if run is None:
-            run = Run(device, device_name, document.get("datetime", "")[:10],
-                      document.get("sr3_command", "python -m pytest bench/"), first)
-        elif device_name != run.device_name:
-            raise ReportError(f"{path}: measured on {device_name}, not {run.device_name}; "
-                              "report one device at a time")
-        elif document.get("sr3_command") and document["sr3_command"] not in run.command:
-            run.command += "; " + document["sr3_command"]
-        run.rows.extend(rows)
-        run.skipped.extend(document.get("sr3_skipped", []))
-    assert run is not None
+    """Merge the parts in the order they were measured, whatever order the paths come in."""
+    parts = sorted((read_part(path) for path in paths), key=lambda part: part.datetime)
+    first = parts[0].rows[0]
+    run = Run(first["device"], first["device_name"], parts[0].datetime[:10], [], first, len(parts))
+    seen: dict[str, Path] = {}
+    for part in parts:
+        if part.rows[0]["device_name"] != run.device_name:
+            raise ReportError(f"{part.path}: measured on {part.rows[0]['device_name']}, not {run.device_name} "
+                              f"({parts[0].path}); report one device at a time")
+        for row in part.rows:
+            if row["name"] in seen:
+                raise ReportError(f"{part.path}: {row['name']} was measured in {seen[row['name']]} too; "
+                                  "give each benchmark to one part")
+            seen[row["name"]] = part.path
+        if part.command and part.command not in run.commands:
+            run.commands.append(part.command)
+        run.rows.extend(part.rows)
+    # A case skipped in one part may have been measured in another; a case is listed once.
+    skipped = {}
+    for part in parts:
+        for skip in part.skipped:
+            case = f"{skip['test']}[{skip.get('case', '')}]"
+            if case not in seen:
+                skipped.setdefault(case, skip)
+    run.skipped = list(skipped.values())
     return run
 
 
-def fmt(value: float | None, unit: str = "") -> str:
+def fmt(value: float | None) -> str:
+    """Three significant figures at most, the same decimals for every value of one magnitude."""
     if value is None:
         return "-"
     if abs(value) >= 100:
-        text = f"{value:,.0f}"
-    elif abs(value) >= 10:
-        text = f"{value:.1f}"
-    else:
-        text = f"{value:.3g}"
-    return text + unit
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
 
 
 def percent(value: float | None) -> str:
@@ -131,11 +181,11 @@ def _by_variant_and_batch(rows: list[dict]) -> tuple[list[str], list[int], dict[
 def over_baseline(cells: dict, variant: str, batch: int) -> float | None:
     """Speed-up over the baseline: over the baseline rounds paired with this row's when it has
     them (same machine conditions), else over the baseline's own row."""
+    if variant == BASELINE:
+        return 1.0
     row = cells.get((variant, batch))
     if row is None:
         return None
-    if variant == BASELINE:
-        return 1.0
     if row.get("paired_baseline_seconds"):
         return row["paired_baseline_seconds"] / row["median"]
     baseline = cells.get((BASELINE, batch))
@@ -148,6 +198,10 @@ def speedup(cells: dict, variant: str, batch: int, over: str = BASELINE) -> floa
     return mine / theirs if mine is not None and theirs else None
 
 
+def all_paired(rows: list[dict]) -> bool:
+    return all(row.get("paired_baseline_seconds") for row in rows if row["variant"] != BASELINE)
+
+
 def images_per_s(row: dict) -> str:
     if not row.get("iqr"):
         return fmt(row["images_per_s"])
@@ -155,7 +209,7 @@ def images_per_s(row: dict) -> str:
 
 
 def end_to_end_tables(run: Run) -> list[str]:
-    rows = run.kind("sample")
+    rows = run.rows_of("sample")
     if not rows:
         return []
     variants, batches, cells = _by_variant_and_batch(rows)
@@ -166,9 +220,12 @@ def end_to_end_tables(run: Run) -> list[str]:
              "rounds, relative):", ""]
     lines += _table(["backend", *columns], [
         [v, *(images_per_s(cells[(v, b)]) if (v, b) in cells else "-" for b in batches)] for v in variants])
-    lines += ["", f"Speed-up over {BASELINE} at the same batch (each timed round of a backend followed a round "
-              f"of {BASELINE}, and the ratio is to those paired rounds):", ""]
-    lines += _table(["backend", *columns], [[v, *(ratio(speedup(cells, v, b)) for b in batches)] for v in variants])
+    pairing = (f"each timed round of a backend followed a round of {BASELINE}, and the ratio is to those paired "
+               "rounds" if all_paired(rows) else f"over {BASELINE}'s rounds paired with the row's where it has "
+               f"them, else over {BASELINE}'s own row")
+    lines += ["", f"Speed-up over {BASELINE} at the same batch ({pairing}):", ""]
+    lines += _table(["backend", *columns], [
+        [v, *(ratio(speedup(cells, v, b)) if (v, b) in cells else "-" for b in batches)] for v in variants])
     lines += ["", f"Fraction of the bf16 FLOP roofline ({fmt(first['flops_per_step'] / first['batch'] / 1e9)} "
               "GFLOP per image per step):", ""]
     lines += _table(["backend", *columns], [
@@ -178,11 +235,11 @@ def end_to_end_tables(run: Run) -> list[str]:
 
 
 def step_table(run: Run) -> list[str]:
-    rows = run.kind("step")
+    rows = run.rows_of("step")
     if not rows:
         return []
     variants, batches, cells = _by_variant_and_batch(rows)
-    lines = ["#### Per step: one denoiser call and posterior update, ms (speed-up over eager-fp32)", ""]
+    lines = [f"#### Per step: one denoiser call and posterior update, ms (speed-up over {BASELINE}, unpaired)", ""]
     lines += _table(["backend", *(f"batch {b}" for b in batches)], [
         [v, *(f"{fmt(cells[(v, b)]['median'] * 1e3)} ({ratio(speedup(cells, v, b))})" if (v, b) in cells else "-"
               for b in batches)] for v in variants])
@@ -195,14 +252,15 @@ def per_call(row: dict) -> float:
 
 
 def op_table(run: Run) -> list[str]:
-    rows = run.kind("op")
+    rows = run.rows_of("op")
     if not rows:
         return []
     cases: dict[str, dict[str, dict]] = defaultdict(dict)
     for row in rows:
         cases[row["case"]][row["backend"]] = row
     backends = [b for b in ("native", "triton", "cpp", "compile") if any(b in c for c in cases.values())]
-    header = ["case", *(f"{b}: us, GB/s (% of peak)" for b in backends), *(f"{b} / native" for b in backends[1:])]
+    fused = [b for b in backends if b != "native"]
+    header = ["case", *(f"{b}: us, GB/s (% of peak)" for b in backends), *(f"{b} speed-up over native" for b in fused)]
     table_rows = []
     for case, by_backend in cases.items():
         cells = [case]
@@ -210,7 +268,7 @@ def op_table(run: Run) -> list[str]:
             row = by_backend.get(b)
             cells.append("-" if row is None else
                          f"{fmt(per_call(row) * 1e6)}, {fmt(row['gbps'])} ({percent(row['bandwidth_fraction'])})")
-        for b in backends[1:]:
+        for b in fused:
             native, other = by_backend.get("native"), by_backend.get(b)
             cells.append(ratio(per_call(native) / per_call(other)) if native and other else "-")
         table_rows.append(cells)
@@ -220,7 +278,7 @@ def op_table(run: Run) -> list[str]:
 
 
 def goals_table(run: Run) -> list[str]:
-    rows = run.kind("sample")
+    rows = run.rows_of("sample")
     fused = sorted({r["variant"] for r in rows if r["backend"] == "fused"})
     if not fused:
         return []
@@ -265,6 +323,13 @@ def tf32_note(run: Run) -> str:
     return f" In fp32 rows convolutions run in {convolutions} and matmuls in {matmuls} (torch.backends settings)."
 
 
+def provenance(run: Run) -> str:
+    if run.parts == 1:
+        return "Medians of one run, every backend side by side. Command"
+    return (f"Medians of {run.parts} runs on this machine, one after another, each side by side within itself "
+            "(versions and peaks from the first). Commands, in order")
+
+
 def section(run: Run, chart_name: str | None) -> str:
     info = run.info
     heading = "GPU" if run.device == "cuda" else "CPU"
@@ -275,7 +340,7 @@ def section(run: Run, chart_name: str | None) -> str:
         f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, onnxruntime {info['onnxruntime']}, "
         f"Python {info['python']}, {info['torch_threads']} torch threads, sr3_engine {info['sr3_engine']}. "
         f"Peaks: {fmt(info['peak_bf16_tflops'])} TFLOP/s bf16, {fmt(info['peak_gbps'])} GB/s "
-        f"({info['peak_source']}).{tf32_note(run)} Medians of one run, side by side. Command:",
+        f"({info['peak_source']}).{tf32_note(run)} {provenance(run)}:",
         "",
         f"    {run.command}",
         "",
@@ -292,7 +357,7 @@ def section(run: Run, chart_name: str | None) -> str:
 
 def chart(run: Run, path: Path) -> bool:
     """A grouped bar chart of end-to-end images/s and speed-up per batch; False when there is nothing to plot."""
-    rows = run.kind("sample")
+    rows = run.rows_of("sample")
     if not rows:
         return False
     import matplotlib
@@ -348,15 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = load(args.json)
         if args.command:
-            run.command = args.command
+            run.commands = [args.command]
         chart_path = args.results.parent / f"RESULTS-{run.slug}.png"
         if args.print_only:
             print(section(run, None))
             return 0
-        text = section(run, chart_path.name if run.kind("sample") else None)
+        text = section(run, chart_path.name if run.rows_of("sample") else None)
         updated = update_results(args.results, run, text)
         if chart(run, chart_path):
             print(f"wrote {chart_path}")
+        else:
+            chart_path.unlink(missing_ok=True)  # a chart of an earlier report of this run no longer matches
         with atomic_path(args.results) as tmp:
             tmp.write_text(updated)
         print(f"wrote {args.results}")

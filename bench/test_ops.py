@@ -12,7 +12,8 @@ from memory rather than the L2 cache; on the CPU a round is one direct call.
 
 - GroupNorm+SiLU on the activation shapes of sr3-16-128 at 128x128 (32 groups): on CUDA in
   bf16 channels_last (what the fused engine runs) at batch 1 and 16; on the CPU in fp32 at
-  batch 1 and 4, NCHW and channels_last.
+  batch 1 and 4, NCHW and channels_last, and in bf16 channels_last (the CPU fused engine's
+  bf16 layout) at batch 4.
 - The posterior step on the sampling state (B, 3, 128, 128) at batch 1 and 32 and on a
   (32, 3, 512, 512) state, whose size is bandwidth-bound on any device; with the noise given
   as a tensor (read like the other inputs) and drawn from a seed (no noise tensor at all).
@@ -33,7 +34,8 @@ SR3_16_128_ACTIVATIONS = ((64, 128, 128), (128, 64, 64), (256, 32, 32), (512, 16
 GROUP_NORM_CASES = {
     "cuda": [(batch, chw, "channels_last", torch.bfloat16) for batch in (1, 16) for chw in SR3_16_128_ACTIVATIONS],
     "cpu": [(batch, chw, layout, torch.float32) for batch in (1, 4) for chw in SR3_16_128_ACTIVATIONS
-            for layout in ("nchw", "channels_last")],
+            for layout in ("nchw", "channels_last")]
+    + [(4, chw, "channels_last", torch.bfloat16) for chw in SR3_16_128_ACTIVATIONS],
 }
 POSTERIOR_SHAPES = ((1, 3, 128, 128), (32, 3, 128, 128), (32, 3, 512, 512))
 COEFFICIENTS = dict(sqrt_recip_gamma=1.3, sqrt_recipm1_gamma=0.8, coef1=0.3, coef2=0.7, sigma=0.05)

@@ -5,9 +5,9 @@
 `test_sample`: one `engine.sample` call of `problem.steps` (100) ancestral steps on a batch
 of low-res images, one warm-up round (which compiles, exports or captures what the backend
 needs) and then `--benchmark-min-rounds` timed rounds, each right after a round of the
-eager-fp32 baseline whose median goes into the row (`paired_baseline_seconds`). `test_step`: one reverse step (a
-denoiser call and the posterior update) through the same engine backend, from the middle of
-the same 100-step plan. Rows carry FLOPs per step (torch.utils.flop_counter), images/s, ms
+eager-fp32 baseline whose median goes into the row (`paired_baseline_seconds`).
+`test_step`: one reverse step (a denoiser call and the posterior update) through the same
+engine backend, from the middle of the same 100-step plan (not paired). Rows carry FLOPs per step (torch.utils.flop_counter), images/s, ms
 per step and the fraction of the device's bf16 roofline the denoiser's FLOPs reach.
 """
 
@@ -17,7 +17,6 @@ import dataclasses
 import statistics
 
 import numpy as np
-import pytest
 import torch
 
 from sr3_engine.samplers import make_plan

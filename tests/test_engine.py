@@ -1,5 +1,6 @@
 """SR3Engine: the public contract of DESIGN §3."""
 
+import copy
 import json
 
 import pytest
@@ -20,6 +21,12 @@ def _engine(model, **kwargs):
 
 def _seeded(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+def _skip_unless_available(op_backend, x):
+    reason = None if op_backend == "auto" else sr3.ops.why_unavailable("group_norm_silu", op_backend, x)
+    if reason is not None:
+        pytest.skip(reason)
 
 
 def test_sample_shape_range_and_determinism(tiny_model):
@@ -167,8 +174,6 @@ def test_a_config_with_wrong_values_names_the_file(tiny_model, tmp_path):
 
 
 def test_fused_backend_on_cpu_matches_eager(tiny_model):
-    import copy
-
     eager = _engine(copy.deepcopy(tiny_model), scale=4)
     fused = _engine(copy.deepcopy(tiny_model), scale=4, backend="fused")
     lr = torch.rand(2, 3, 5, 6)
@@ -180,8 +185,6 @@ def test_fused_backend_on_cpu_matches_eager(tiny_model):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-3), (torch.bfloat16, 6e-2)])
 def test_fused_graphs_match_eager_with_the_same_noise(tiny_model, dtype, tolerance):
-    import copy
-
     eager = _engine(copy.deepcopy(tiny_model), scale=4, device="cuda", dtype=dtype)
     fused = _engine(copy.deepcopy(tiny_model), scale=4, device="cuda", dtype=dtype, backend="fused",
                     backend_options={"in_kernel_noise": False, "max_graphs": 2})
@@ -216,8 +219,6 @@ def test_saved_files_follow_the_umask(tiny_model, tmp_path):
 
 
 def test_compile_backend_matches_eager(tiny_model):
-    import copy
-
     eager = _engine(copy.deepcopy(tiny_model), scale=2)
     compiled = _engine(copy.deepcopy(tiny_model), scale=2, backend="compile",
                        backend_options={"compiler": "aot_eager"})
@@ -226,16 +227,12 @@ def test_compile_backend_matches_eager(tiny_model):
                                rtol=1e-5, atol=1e-5)
 
 
-
 @pytest.mark.parametrize("op_backend", ["auto", "native", "cpp"])
 def test_the_denoiser_compiles_as_one_graph(tiny_model, op_backend, monkeypatch):
     # A graph break splits the U-Net into per-block graphs that Dynamo recompiles per channel
     # count until its recompile limit, then runs eagerly: compile would be slower than eager.
-    import copy
-
     x = torch.rand(1, 3, 8, 8)
-    if op_backend != "auto" and sr3.ops.why_unavailable("group_norm_silu", op_backend, x) is not None:
-        pytest.skip(sr3.ops.why_unavailable("group_norm_silu", op_backend, x))
+    _skip_unless_available(op_backend, x)
     monkeypatch.setattr(sr3.ops, "_logged_auto_choices", set())  # the first auto choice is logged
     model = copy.deepcopy(tiny_model).eval()
     sr3.set_op_backend(model, op_backend)
@@ -248,9 +245,7 @@ def test_the_denoiser_compiles_as_one_graph(tiny_model, op_backend, monkeypatch)
 
 @pytest.mark.parametrize("op_backend", ["auto", "native", "cpp"])
 def test_compile_backend_compiles_native_ops_unless_told_otherwise(tiny_model, op_backend):
-    lr = torch.rand(1, 3, 4, 4)
-    if op_backend != "auto" and sr3.ops.why_unavailable("group_norm_silu", op_backend, lr) is not None:
-        pytest.skip(sr3.ops.why_unavailable("group_norm_silu", op_backend, lr))
+    _skip_unless_available(op_backend, torch.rand(1, 3, 4, 4))
     engine = _engine(tiny_model, backend="compile", op_backend=op_backend, backend_options={"compiler": "aot_eager"})
     assert engine.backend.op_backend == ("native" if op_backend == "auto" else op_backend)
 

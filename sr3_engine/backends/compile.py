@@ -6,9 +6,9 @@ and Inductor fuses GroupNorm+SiLU itself (a custom op would be an opaque call to
 named op backend (`triton`, `cpp`) is used as asked. The denoiser is compiled once per
 process and recompiled by Dynamo when shapes change: `dynamic=None` (the default) lets it
 mark them dynamic after the first change, `dynamic=False` compiles every shape for itself
-(what benchmarks use, so that each batch gets kernels tuned for it). `compiler` picks the torch.compile backend: "inductor"
-(the default) generates kernels; "aot_eager" only traces, which tests use to check the
-plumbing without a code generator.
+(what benchmarks use, so that each batch gets kernels tuned for it). `compiler` picks the
+torch.compile backend: "inductor" (the default) generates kernels; "aot_eager" only traces,
+which tests use to check the plumbing without a code generator.
 """
 
 from __future__ import annotations
