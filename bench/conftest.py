@@ -11,7 +11,6 @@ JSON keeps (`sr3_skipped`) so that the report can list it.
 from __future__ import annotations
 
 import shlex
-import time
 
 import pytest
 import torch
@@ -36,19 +35,13 @@ def pytest_addoption(parser):
                     help="the device's memory bandwidth in GB/s, instead of the data sheet or a measurement")
 
 
-def _bench_device(config) -> torch.device:
-    choice = config.getoption("--device")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise pytest.UsageError("--device cuda: torch sees no CUDA device here")
-    return torch.device(choice)
-
-
 def pytest_configure(config):
-    device = _bench_device(config)
+    try:
+        device = harness.resolve_device(config.getoption("--device"))
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
     config._sr3_device = device
-    config._sr3_clock = harness.CudaSyncClock(device) if device.type == "cuda" else time.perf_counter
+    config._sr3_clock = harness.clock_for(device)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -131,20 +131,28 @@ def measure_bytes_per_s(device: torch.device, mebibytes: int = 256, repeats: int
 
 
 def _best_time(fn, device: torch.device, repeats: int) -> float:
+    clock = clock_for(device)
     fn()
     best = float("inf")
     for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         fn()
-        _synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def resolve_device(choice: str) -> torch.device:
+    """`auto` (CUDA when torch sees a GPU), `cpu` or `cuda`; ValueError when CUDA is asked for and absent."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device here")
+    return torch.device(choice)
+
+
+def clock_for(device: torch.device):
+    """The timer of every measurement on `device`: perf_counter, after a synchronise on CUDA."""
+    return CudaSyncClock(device) if device.type == "cuda" else time.perf_counter
 
 
 def describe(device: torch.device, peak_tflops: float | None = None, peak_gbps: float | None = None) -> DeviceInfo:

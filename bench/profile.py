@@ -16,7 +16,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from .harness import PROBLEMS, build_engine, variant_named
+from .harness import PROBLEMS, build_engine, resolve_device, variant_named
 
 
 def top_kernels(events, on_cuda: bool, top: int) -> tuple[list[tuple[str, float, int]], float]:
@@ -42,15 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the suite's 100)")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args(argv)
-    choice = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device here")
-    device = torch.device(choice)
-    problem = PROBLEMS[device.type]
     try:
+        device = resolve_device(args.device)
         variant = variant_named(device, args.variant)
     except ValueError as error:
         parser.error(str(error))
+    problem = PROBLEMS[device.type]
     steps = args.steps or problem.steps
     engine = build_engine(variant, problem, device)
     lr = torch.rand(args.batch, 3, problem.lr_size, problem.lr_size, generator=torch.Generator().manual_seed(0))

@@ -178,6 +178,12 @@ def _by_variant_and_batch(rows: list[dict]) -> tuple[list[str], list[int], dict[
     return variants, batches, cells
 
 
+def _grid(variants: list[str], batches: list[int], cells: dict, cell) -> list[str]:
+    """A backend-by-batch table: cell(row, variant, batch) for each measured pair, "-" elsewhere."""
+    return _table(["backend", *(f"batch {b}" for b in batches)], [
+        [v, *(cell(cells[(v, b)], v, b) if (v, b) in cells else "-" for b in batches)] for v in variants])
+
+
 def over_baseline(cells: dict, variant: str, batch: int) -> float | None:
     """Speed-up over the baseline: over the baseline rounds paired with this row's when it has
     them (same machine conditions), else over the baseline's own row."""
@@ -214,23 +220,18 @@ def end_to_end_tables(run: Run) -> list[str]:
         return []
     variants, batches, cells = _by_variant_and_batch(rows)
     first = rows[0]
-    columns = [f"batch {b}" for b in batches]
     lines = [f"#### End to end: `engine.sample`, {first['config']} at {first['height']}x{first['width']}, "
              f"{first['steps']} steps", "", "Images/s (higher is better; ± half the interquartile range of the "
              "rounds, relative):", ""]
-    lines += _table(["backend", *columns], [
-        [v, *(images_per_s(cells[(v, b)]) if (v, b) in cells else "-" for b in batches)] for v in variants])
+    lines += _grid(variants, batches, cells, lambda row, v, b: images_per_s(row))
     pairing = (f"each timed round of a backend followed a round of {BASELINE}, and the ratio is to those paired "
                "rounds" if all_paired(rows) else f"over {BASELINE}'s rounds paired with the row's where it has "
                f"them, else over {BASELINE}'s own row")
     lines += ["", f"Speed-up over {BASELINE} at the same batch ({pairing}):", ""]
-    lines += _table(["backend", *columns], [
-        [v, *(ratio(speedup(cells, v, b)) if (v, b) in cells else "-" for b in batches)] for v in variants])
+    lines += _grid(variants, batches, cells, lambda row, v, b: ratio(speedup(cells, v, b)))
     lines += ["", f"Fraction of the bf16 FLOP roofline ({fmt(first['flops_per_step'] / first['batch'] / 1e9)} "
               "GFLOP per image per step):", ""]
-    lines += _table(["backend", *columns], [
-        [v, *(percent(cells[(v, b)]["roofline_fraction"]) if (v, b) in cells else "-" for b in batches)]
-        for v in variants])
+    lines += _grid(variants, batches, cells, lambda row, v, b: percent(row["roofline_fraction"]))
     return lines + [""]
 
 
@@ -240,9 +241,8 @@ def step_table(run: Run) -> list[str]:
         return []
     variants, batches, cells = _by_variant_and_batch(rows)
     lines = [f"#### Per step: one denoiser call and posterior update, ms (speed-up over {BASELINE}, unpaired)", ""]
-    lines += _table(["backend", *(f"batch {b}" for b in batches)], [
-        [v, *(f"{fmt(cells[(v, b)]['median'] * 1e3)} ({ratio(speedup(cells, v, b))})" if (v, b) in cells else "-"
-              for b in batches)] for v in variants])
+    lines += _grid(variants, batches, cells,
+                   lambda row, v, b: f"{fmt(row['median'] * 1e3)} ({ratio(speedup(cells, v, b))})")
     return lines + [""]
 
 

@@ -7,16 +7,15 @@ of low-res images, one warm-up round (which compiles, exports or captures what t
 needs) and then `--benchmark-min-rounds` timed rounds, each right after a round of the
 eager-fp32 baseline whose median goes into the row (`paired_baseline_seconds`).
 `test_step`: one reverse step (a denoiser call and the posterior update) through the same
-engine backend, from the middle of the same 100-step plan (not paired). Rows carry FLOPs per step (torch.utils.flop_counter), images/s, ms
-per step and the fraction of the device's bf16 roofline the denoiser's FLOPs reach.
+engine backend, from the middle of the same 100-step plan (not paired). Rows carry FLOPs per
+step (torch.utils.flop_counter), images/s, ms per step and the fraction of the device's bf16
+roofline the denoiser's FLOPs reach.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 
-import numpy as np
 import torch
 
 from sr3_engine.samplers import make_plan
@@ -71,10 +70,7 @@ def test_step(benchmark, engines, device, device_info, problem, variant, batch):
     engine = engines(variant)
     full = make_plan(engine.schedule.respaced(problem.steps), engine.sampler)
     middle = full.num_steps // 2
-    one_step = dataclasses.replace(full, **{
-        f.name: getattr(full, f.name)[middle:middle + 1].copy()
-        for f in dataclasses.fields(full) if isinstance(getattr(full, f.name), np.ndarray)
-    })
+    one_step = full.window(middle, middle + 1)
     generator = torch.Generator(device).manual_seed(0)
     shape = (batch, 3, problem.size, problem.size)
     x_up = torch.rand(shape, device=device, generator=generator) * 2 - 1

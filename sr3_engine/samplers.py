@@ -51,13 +51,17 @@ class SamplingPlan:
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
-    def last(self, n: int) -> "SamplingPlan":
-        """The plan's final n steps (the warm start of SamplerConfig.strength)."""
-        keep = slice(self.num_steps - n, None)
-        return dataclasses.replace(self, warm_start=n < self.num_steps, **{
+    def window(self, start: int, stop: int) -> "SamplingPlan":
+        """Steps start..stop-1 of the plan; one that does not begin at the first step starts warm."""
+        keep = slice(start, stop)
+        return dataclasses.replace(self, warm_start=start > 0, **{
             f.name: getattr(self, f.name)[keep].copy()
             for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), np.ndarray)
         })
+
+    def last(self, n: int) -> "SamplingPlan":
+        """The plan's final n steps (the warm start of SamplerConfig.strength)."""
+        return self.window(self.num_steps - n, self.num_steps)
 
     def step_kwargs(self, i: int) -> dict[str, float]:
         return {
