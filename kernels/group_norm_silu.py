@@ -358,35 +358,21 @@ def group_norm_silu_triton(x: torch.Tensor, num_groups: int, weight: Optional[to
 
 @torch.library.custom_op("sr3_engine::group_norm_silu", mutates_args=())
 def group_norm_silu_op(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
-                       bias: Optional[torch.Tensor], eps: float, pre_bias: Optional[torch.Tensor]) -> torch.Tensor:
+                       bias: Optional[torch.Tensor], pre_bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """The kernels as an opaque op, so torch.compile and CUDA graph capture take them whole."""
     return group_norm_silu_triton(x, num_groups, weight, bias, eps, pre_bias)
 
 
 @group_norm_silu_op.register_fake
-def _(x, num_groups, weight, bias, eps, pre_bias):
+def _(x, num_groups, weight, bias, pre_bias, eps):
     return torch.empty_like(x, memory_format=memory_format(x))
 
 
-def _setup_context(ctx, inputs, output):
-    x, num_groups, weight, bias, eps, pre_bias = inputs
-    ctx.num_groups, ctx.eps = num_groups, eps
-    ctx.save_for_backward(x, weight, bias, pre_bias)
-
-
-def _backward(ctx, grad):
-    x, weight, bias, pre_bias = ctx.saved_tensors
-    needs = ctx.needs_input_grad  # positions in the op's schema: x, num_groups, weight, bias, eps, pre_bias
-    d_x, d_weight, d_bias, d_pre_bias = ops.group_norm_silu_backward(
-        grad, x, ctx.num_groups, weight, bias, ctx.eps, pre_bias, (needs[0], needs[2], needs[3], needs[5]))
-    return d_x, None, d_weight, d_bias, None, d_pre_bias
-
-
-group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
+ops.register_group_norm_silu_autograd(group_norm_silu_op)
 
 
 def _dispatch(x, num_groups, weight, bias, eps, pre_bias):
-    return group_norm_silu_op(x, num_groups, weight, bias, float(eps), pre_bias)
+    return group_norm_silu_op(x, num_groups, weight, bias, pre_bias, float(eps))
 
 
 ops.register("group_norm_silu", "triton", _dispatch, why_not_runnable)

@@ -5,7 +5,7 @@
   (`_C.has_cuda()`); x / y_t must be contiguous or channels_last (others go to `native` under
   `auto`, and a named `cpp` raises with that reason).
 - group_norm_silu is autograd-capable: the kernel computes the forward pass; the backward pass is
-  `ops.group_norm_silu_backward`, shared with the Triton backend (analytic, float32, statistics
+  `ops.register_group_norm_silu_autograd`, shared with the Triton op (analytic, float32, statistics
   recomputed from the inputs). Higher-order gradients are not supported.
 - posterior_step draws seeded noise inside the kernel with the Philox stream of csrc/philox.h
   (the Triton backend's stream), so no noise tensor is materialised.
@@ -63,23 +63,9 @@ def _predicate(extension):
     return why_not
 
 
-def _group_norm_silu_setup(ctx, inputs, output):
-    x, num_groups, weight, bias, pre_bias, eps = inputs
-    ctx.num_groups, ctx.eps = num_groups, eps
-    ctx.save_for_backward(x, weight, bias, pre_bias)
-
-
-def _group_norm_silu_backward(ctx, grad_output):
-    x, weight, bias, pre_bias = ctx.saved_tensors
-    needs = ctx.needs_input_grad  # positions in the op's schema: x, num_groups, weight, bias, pre_bias, eps
-    d_x, d_weight, d_bias, d_pre_bias = ops.group_norm_silu_backward(
-        grad_output, x, ctx.num_groups, weight, bias, ctx.eps, pre_bias, (needs[0], needs[2], needs[3], needs[4]))
-    return d_x, None, d_weight, d_bias, d_pre_bias, None
-
-
 def _register_torch_extras() -> None:
     group_norm_silu = f"{_NAMESPACE}::group_norm_silu"
-    torch.library.register_autograd(group_norm_silu, _group_norm_silu_backward, setup_context=_group_norm_silu_setup)
+    ops.register_group_norm_silu_autograd(group_norm_silu)
 
     @torch.library.register_fake(group_norm_silu)
     def _(x, num_groups, weight, bias, pre_bias, eps):

@@ -176,6 +176,26 @@ def group_norm_silu_backward(grad: torch.Tensor, x: torch.Tensor, num_groups: in
     return d_x, d_weight, d_bias, d_pre_bias
 
 
+def _group_norm_silu_op_setup(ctx, inputs, output):
+    x, num_groups, weight, bias, pre_bias, eps = inputs
+    ctx.num_groups, ctx.eps = num_groups, eps
+    ctx.save_for_backward(x, weight, bias, pre_bias)
+
+
+def _group_norm_silu_op_backward(ctx, grad):
+    x, weight, bias, pre_bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad  # positions in the op's schema: x, num_groups, weight, bias, pre_bias, eps
+    d_x, d_weight, d_bias, d_pre_bias = group_norm_silu_backward(
+        grad, x, ctx.num_groups, weight, bias, ctx.eps, pre_bias, (needs[0], needs[2], needs[3], needs[4]))
+    return d_x, None, d_weight, d_bias, d_pre_bias, None
+
+
+def register_group_norm_silu_autograd(op) -> None:
+    """Autograd for a fused backend's group_norm_silu custom op (a CustomOpDef or its qualified
+    name), whose schema must be (x, num_groups, weight, bias, pre_bias, eps)."""
+    torch.library.register_autograd(op, _group_norm_silu_op_backward, setup_context=_group_norm_silu_op_setup)
+
+
 # ---------------------------------------------------------------------------------------
 # posterior_step (eq. 9-11 with the coefficients of eq. 4, or DDIM's):
 #   y0_hat = y_t * sqrt_recip_gamma - eps * sqrt_recipm1_gamma   (clipped to [-1, 1] if clip)

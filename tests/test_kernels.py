@@ -149,7 +149,7 @@ def test_gradients_match_float64(optional):
 @pytest.mark.parametrize("optional", [True, False], ids=["all-tensors", "no-optional-tensors"])
 def test_group_norm_silu_custom_op_passes_opcheck(optional):
     x, weight, bias, pre_bias = _inputs(1, 8, 3, 2, torch.float32, False)
-    args = (x.requires_grad_(), 4, weight, bias, 1e-5, pre_bias) if optional else (x, 4, None, None, 1e-5, None)
+    args = (x.requires_grad_(), 4, weight, bias, pre_bias, 1e-5) if optional else (x, 4, None, None, None, 1e-5)
     torch.library.opcheck(gn.group_norm_silu_op, args)
 
 
