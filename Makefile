@@ -61,4 +61,4 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache sr3_engine/_C*.so
 
 demo: install
-	$(PY) -m sr3_engine.demo
+	$(PY) -m sr3_engine demo

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import sr3_engine as sr3
-from sr3_engine.backends import BackendUnavailableError
+from sr3_engine.runtime.backends import BackendUnavailableError
 
 from . import harness
 from .harness import PROBLEMS, VARIANTS, Problem, Variant

@@ -1,8 +1,9 @@
 """Triton kernels for sr3_engine's fused ops, installed as the subpackage `sr3_engine.kernels`.
 
 Importing this package registers the `triton` backend of `ops.group_norm_silu` and
-`ops.posterior_step`. Without Triton the import raises ImportError, which `sr3_engine.ops`
-records as the reason the backend is unavailable.
+`ops.posterior_step` (the only backend whose posterior step reads a device seed, which the
+fused engine's CUDA graphs need). `sr3_engine.op_backends` imports it; without Triton the
+import raises ImportError, which it records as the reason the backend is unavailable.
 
 Where the kernels run: on CUDA tensors, or on CPU tensors when the process was started with
 TRITON_INTERPRET=1 (Triton then builds every kernel for its interpreter, which is how the
@@ -10,55 +11,7 @@ tests run them on machines without a GPU). Triton reads that variable when a ker
 defined, so it must be set before `sr3_engine` is imported.
 """
 
-import functools
-import os
+import triton  # noqa: F401  (fails here, with the reason op_backends records, when Triton is missing)
 
-import torch
-import triton  # noqa: F401  (fails here, with the reason ops reports, when Triton is missing)
-
-# Fixed when the kernels below are defined, exactly as Triton itself decides.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_MIN_CAPABILITY = (7, 0)
-
-
-_capabilities: dict[int, tuple[int, int]] = {}
-
-
-def _capability(index: int) -> tuple[int, int]:
-    # A plain dict, not functools.cache: torch.compile traces this predicate (through ops)
-    # and reads a dict without a graph break once the first eager call has filled it.
-    if index not in _capabilities:
-        _capabilities[index] = torch.cuda.get_device_capability(index)
-    return _capabilities[index]
-
-
-def why_not_runnable(x: torch.Tensor) -> str | None:
-    """The dispatch predicate of the `triton` backend: None when the kernels can run on x."""
-    if x.device.type == "cuda":
-        capability = _capability(x.device.index)
-        if capability < _MIN_CAPABILITY:
-            need, have = ".".join(map(str, _MIN_CAPABILITY)), ".".join(map(str, capability))
-            return f"Triton needs compute capability >= {need}; {x.device} has {have}"
-        return None
-    if x.device.type == "cpu" and INTERPRETED:
-        return None
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return "TRITON_INTERPRET=1 was set after sr3_engine was imported; set it before the import"
-    return "Triton kernels need a CUDA tensor; set TRITON_INTERPRET=1 to run them on the CPU interpreter"
-
-
-@functools.cache
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def programs_to_fill(device: torch.device) -> int:
-    """How many programs a launch needs to keep `device` (a tensor's, so indexed) busy: two per
-    SM on CUDA; one on the interpreter, which runs programs one after another and is fastest
-    with few, large ones."""
-    if device.type != "cuda":
-        return 1
-    return 2 * _multiprocessors(device.index)
-
-
-from . import group_norm_silu, posterior_step  # noqa: E402,F401  (registers the backend)
+from . import group_norm_silu, posterior_step  # noqa: F401  (registers the backend)
+from .device import INTERPRETED, programs_to_fill, why_not_runnable  # noqa: F401

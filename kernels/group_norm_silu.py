@@ -32,7 +32,7 @@ spatial axis in both. Any other strides are first copied to NCHW.
 
 Limits: x float32, float16 or bfloat16 (weight, bias, pre_bias any float dtype, read as
 float32); C divisible by G with C/G <= 4096; C*H*W < 2**31 per sample. The backward pass is
-not a kernel: `ops.group_norm_silu_backward` (shared with the cpp backend) recomputes the
+not a kernel: `sr3_engine.ops.group_norm_silu_backward` (shared with the cpp backend) recomputes the
 statistics and applies the analytic gradient in float32 PyTorch ops, so training through this
 op is exact but not fused.
 """
@@ -46,10 +46,12 @@ import torch
 import triton
 import triton.language as tl
 
-from sr3_engine import ops
-from sr3_engine.ops import group_norm_silu_ref  # noqa: F401  (the reference the tests hold the kernels to)
+from sr3_engine.ops import dispatch
+from sr3_engine.ops.group_norm_silu import check_arguments, register_autograd
+# The reference the tests hold the kernels to.
+from sr3_engine.ops.group_norm_silu import group_norm_silu_ref  # noqa: F401
 
-from . import programs_to_fill, why_not_runnable
+from .device import programs_to_fill, why_not_runnable
 
 _TILE = 4096                 # elements per tile: 16 per thread at 8 warps
 _ROW_CHANNELS = 128          # channels_last: widest channel block (256 contiguous bytes in bf16)
@@ -279,41 +281,19 @@ def plan(batch: int, channels: int, groups: int, hw: int, channels_inner: bool, 
                 num_warps=min(8, max(1, block_s * gb * cpg_p2 // 512)))
 
 
-def memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The layout the kernels run in, and the output's: channels_last when x is laid out so,
-    else NCHW (an x in neither layout is copied to NCHW)."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _check(x, num_groups, weight, bias, pre_bias) -> None:
+    """The shared rules of `ops.group_norm_silu`, then what these kernels add: the device and their limits."""
+    check_arguments(x, num_groups, weight, bias, pre_bias, op="group_norm_silu (triton)")
     reason = why_not_runnable(x)
     if reason is not None:
         raise ValueError(f"group_norm_silu (triton): x is on {x.device}: {reason}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"group_norm_silu (triton): x has dtype {x.dtype}; expected float32, float16 or bfloat16")
-    if x.dim() != 4:
-        raise ValueError(f"group_norm_silu (triton): x must be 4-D (B, C, H, W); got shape {tuple(x.shape)}")
-    batch, channels, height, width = x.shape
-    if num_groups < 1 or channels % num_groups:
-        raise ValueError(f"group_norm_silu (triton): {channels} channels are not divisible by num_groups={num_groups}")
+    channels, height, width = x.shape[1:]
     if channels // num_groups > _MAX_GROUP_CHANNELS:
         raise ValueError(f"group_norm_silu (triton): {channels // num_groups} channels per group exceed "
                          f"the kernel limit of {_MAX_GROUP_CHANNELS}")
     if channels * height * width >= 2**31:
         raise ValueError(f"group_norm_silu (triton): C*H*W = {channels * height * width} elements per sample "
                          "exceed the kernel limit of 2**31 - 1")
-    for name, tensor, shape in (("weight", weight, (channels,)), ("bias", bias, (channels,)),
-                                ("pre_bias", pre_bias, (batch, channels))):
-        if tensor is None:
-            continue
-        if tensor.shape != shape:
-            raise ValueError(f"group_norm_silu (triton): {name} must have shape {shape}; got {tuple(tensor.shape)}")
-        if tensor.device != x.device:
-            raise ValueError(f"group_norm_silu (triton): {name} is on {tensor.device} but x is on {x.device}")
-        if not tensor.is_floating_point():
-            raise ValueError(f"group_norm_silu (triton): {name} has dtype {tensor.dtype}; expected a float dtype")
 
 
 def group_norm_silu_triton(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
@@ -322,7 +302,7 @@ def group_norm_silu_triton(x: torch.Tensor, num_groups: int, weight: Optional[to
                            tile: int = _TILE) -> torch.Tensor:
     """Run the two kernels (no autograd: use `ops.group_norm_silu` or `group_norm_silu_op`)."""
     _check(x, num_groups, weight, bias, pre_bias)
-    fmt = memory_format(x)
+    fmt = dispatch.dense_format(x)
     x = x.contiguous(memory_format=fmt)
     y = torch.empty_like(x, memory_format=fmt)
     batch, channels, height, width = x.shape
@@ -365,14 +345,14 @@ def group_norm_silu_op(x: torch.Tensor, num_groups: int, weight: Optional[torch.
 
 @group_norm_silu_op.register_fake
 def _(x, num_groups, weight, bias, pre_bias, eps):
-    return torch.empty_like(x, memory_format=memory_format(x))
+    return torch.empty_like(x, memory_format=dispatch.dense_format(x))
 
 
-ops.register_group_norm_silu_autograd(group_norm_silu_op)
+register_autograd(group_norm_silu_op)
 
 
 def _dispatch(x, num_groups, weight, bias, eps, pre_bias):
     return group_norm_silu_op(x, num_groups, weight, bias, pre_bias, float(eps))
 
 
-ops.register("group_norm_silu", "triton", _dispatch, why_not_runnable)
+dispatch.register("group_norm_silu", "triton", _dispatch, why_not_runnable)

@@ -33,12 +33,13 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from sr3_engine import ops
-from sr3_engine.ops import posterior_step_ref  # noqa: F401  (the reference the tests hold the kernel to)
+from sr3_engine.ops import dispatch
+from sr3_engine.ops.posterior_step import check_arguments
+# The reference the tests hold the kernel to.
+from sr3_engine.ops.posterior_step import posterior_step_ref  # noqa: F401
 
-from . import INTERPRETED, programs_to_fill, why_not_runnable
+from .device import INTERPRETED, programs_to_fill, why_not_runnable
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Where z comes from (a constexpr of the kernel).
 _NO_NOISE = tl.constexpr(0)
 _GIVEN_NOISE = tl.constexpr(1)
@@ -104,50 +105,18 @@ def _posterior_step_kernel(y_ptr, eps_ptr, noise_ptr, out_ptr, seed_ptr, seed, s
 # ---------------------------------------------------------------------------------- launcher
 
 
-def _dense_format(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _block(numel: int, device: torch.device) -> int:
     # ~4 programs per SM balance the tail; 512..4096 elements keep each one worth launching.
     per_program = numel // (2 * programs_to_fill(device))
     return min(4096, max(512, triton.next_power_of_2(per_program + 1) // 2))
 
 
-def as_int64_seed(seed: int) -> int:
-    """An int seed as the signed 64-bit value a 0-d int64 seed tensor would hold."""
-    return (int(seed) + 2**63) % 2**64 - 2**63
-
-
 def _check(y_t, eps, noise, seed, sigma, out) -> None:
+    """The shared rules of `ops.posterior_step`, then what this kernel adds: the device."""
+    check_arguments(y_t, eps, noise, seed, sigma, out=out, op="posterior_step (triton)")
     reason = why_not_runnable(y_t)
     if reason is not None:
         raise ValueError(f"posterior_step (triton): y_t is on {y_t.device}: {reason}")
-    for name, tensor in (("y_t", y_t), ("eps", eps), ("noise", noise), ("out", out)):
-        if tensor is None:
-            continue
-        if tensor.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"posterior_step (triton): {name} has dtype {tensor.dtype}; "
-                             "expected float32, float16 or bfloat16")
-        if tensor.shape != y_t.shape:
-            raise ValueError(f"posterior_step (triton): {name} has shape {tuple(tensor.shape)} "
-                             f"but y_t has {tuple(y_t.shape)}")
-        if tensor.device != y_t.device:
-            raise ValueError(f"posterior_step (triton): {name} is on {tensor.device} but y_t is on {y_t.device}")
-    if out is not None and out.dtype != y_t.dtype:
-        raise ValueError(f"posterior_step (triton): out has dtype {out.dtype} but y_t has {y_t.dtype}")
-    if out is not None and not out.is_contiguous(memory_format=_dense_format(y_t)):
-        raise ValueError("posterior_step (triton): out must be dense in y_t's layout (contiguous or channels_last)")
-    if noise is not None and seed is not None:
-        raise ValueError("posterior_step (triton): give either noise or seed, not both")
-    if sigma != 0.0 and noise is None and seed is None:
-        raise ValueError("posterior_step (triton): sigma != 0 needs noise or a seed")
-    if isinstance(seed, torch.Tensor) and (seed.dtype != torch.int64 or seed.numel() != 1
-                                           or seed.device != y_t.device):
-        raise ValueError(f"posterior_step (triton): a seed tensor must be one int64 on {y_t.device}; got "
-                         f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}")
 
 
 def posterior_step_triton(y_t: torch.Tensor, eps: torch.Tensor, *, sqrt_recip_gamma: float,
@@ -157,7 +126,7 @@ def posterior_step_triton(y_t: torch.Tensor, eps: torch.Tensor, *, sqrt_recip_ga
     """One update; `seed` is an int or a 0-d int64 tensor; `out` (may be y_t itself) receives
     the result, for callers that keep static buffers such as a captured CUDA graph."""
     _check(y_t, eps, noise, seed, sigma, out)
-    fmt = _dense_format(y_t)
+    fmt = dispatch.dense_format(y_t)
     y_t, eps = y_t.contiguous(memory_format=fmt), eps.contiguous(memory_format=fmt)
     if out is None:
         out = torch.empty_like(y_t, memory_format=fmt)
@@ -175,7 +144,7 @@ def posterior_step_triton(y_t: torch.Tensor, eps: torch.Tensor, *, sqrt_recip_ga
     with torch.cuda.device(y_t.device) if y_t.is_cuda else contextlib.nullcontext():
         _posterior_step_kernel[(triton.cdiv(numel, block),)](
             y_t, eps, noise, out, seed if seed_in_memory else None,
-            0 if seed_in_memory or mode != _DRAWN_NOISE else as_int64_seed(seed), int(step), numel,
+            0 if seed_in_memory or mode != _DRAWN_NOISE else dispatch.as_int64_seed(seed), int(step), numel,
             float(sqrt_recip_gamma), float(sqrt_recipm1_gamma), float(coef1), float(coef2), float(sigma),
             CLIP=bool(clip), NOISE=mode, SEED_IN_MEMORY=seed_in_memory, FAST_MATH=not INTERPRETED, BLOCK=block,
             num_warps=min(8, block // 256),
@@ -202,14 +171,14 @@ def posterior_step_op(y_t: torch.Tensor, eps: torch.Tensor, noise: Optional[torc
 
 @posterior_step_op.register_fake
 def _(y_t, eps, noise, seed_tensor, seed, step, sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma, clip):
-    return torch.empty_like(y_t, memory_format=_dense_format(y_t))
+    return torch.empty_like(y_t, memory_format=dispatch.dense_format(y_t))
 
 
 def _dispatch(y_t, eps, sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma, noise, seed, step, clip):
     seed_tensor = seed if isinstance(seed, torch.Tensor) else None
-    int_seed = None if seed is None or seed_tensor is not None else as_int64_seed(seed)
+    int_seed = None if seed is None or seed_tensor is not None else dispatch.as_int64_seed(seed)
     return posterior_step_op(y_t, eps, noise, seed_tensor, int_seed, step,
                              sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma, clip)
 
 
-ops.register("posterior_step", "triton", _dispatch, why_not_runnable)
+dispatch.register("posterior_step", "triton", _dispatch, why_not_runnable, device_seed=True)

@@ -2,7 +2,7 @@
 
 SR3 conditions the network on the noise level, not the step, so the schedule used for
 sampling is free: this script scores candidate (sampler, schedule, strength) on centre crops
-of the held-out set with `sr3_engine.evaluate`, prints and writes the table, and with
+of the held-out set with `sr3_engine evaluate`'s library, prints and writes the table, and with
 --ship writes the model with the best candidate (highest mean PSNR among those whose
 consistency stays within 2x of bicubic's) as its default, weights in float16.
 
@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 
 import sr3_engine as sr3
-from sr3_engine.data import load_centre_crops, usable_images
-from sr3_engine.evaluate import evaluate, mean_scores
+from sr3_engine.cli.evaluate import evaluate, mean_scores
+from sr3_engine.runtime import model_dir
+from sr3_engine.runtime.model_dir import ModelSpec
+from sr3_engine.training.data import load_centre_crops, usable_images
 
 # (sampler, schedule kind, steps, last beta of a linear schedule, strength)
 CANDIDATES = [
@@ -58,12 +60,12 @@ def main() -> int:
     names = [p.stem for p in paths]
     rows = []
     for sampler, kind, steps, end, strength in CANDIDATES:
-        engine.schedule = schedule_for(kind, steps, end, train)
-        engine.sampler = sr3.SamplerConfig(sampler, strength=strength)
+        schedule = schedule_for(kind, steps, end, train)
+        config = sr3.SamplerConfig(sampler, strength=strength)
         started = time.perf_counter()
-        results, _, _, _ = evaluate(engine, hr, names)
+        results, _, _, _ = evaluate(engine, hr, names, sampler=config, schedule=schedule)
         model, bicubic = mean_scores([r.model for r in results]), mean_scores([r.bicubic for r in results])
-        rows.append({"sampler": engine.sampler.to_dict(), "schedule": engine.schedule.config.to_dict(),
+        rows.append({"sampler": config.to_dict(), "schedule": schedule.config.to_dict(),
                      "label": f"{kind} {steps}" + (f" end {end}" if end else "") + f" strength {strength}",
                      "model": dataclasses.asdict(model),
                      "bicubic": dataclasses.asdict(bicubic), "seconds": time.perf_counter() - started})
@@ -76,9 +78,9 @@ def main() -> int:
                                     "rows": rows, "best": best}, indent=2) + "\n")
     print(f"best: {best['sampler']['name']} {best['label']}; wrote {args.out}")
     if args.ship is not None:
-        engine.schedule = sr3.NoiseSchedule.from_config(sr3.ScheduleConfig.from_dict(best["schedule"]))
-        engine.sampler = sr3.SamplerConfig.from_dict(best["sampler"])
-        engine.save_pretrained(args.ship, weights_dtype=torch.float16)
+        spec = ModelSpec(engine.model.config, sr3.ScheduleConfig.from_dict(best["schedule"]),
+                         sr3.SamplerConfig.from_dict(best["sampler"]), engine.scale)
+        model_dir.write(args.ship, engine.model.state_dict(), spec, weights_dtype=torch.float16)
         print(f"shipped {args.ship}")
     return 0
 

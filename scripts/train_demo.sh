@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 STEPS="${1:-6000}"
 PY=.venv/bin/python
 [ -d data/demo/train ] || $PY scripts/prepare_demo_data.py --out data/demo
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" $PY -m sr3_engine.train \
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" $PY -m sr3_engine train \
     --data data/demo/train --val-data data/demo/val --out runs/demo-x4 \
     --config scripts/demo-x4.json --scale 4 --hr-size 64 --batch-size 16 \
     --steps "$STEPS" --lr 2e-4 --warmup-steps 200 --ema-decay 0.999 --loss l1 --seed 0 \

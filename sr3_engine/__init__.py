@@ -1,10 +1,16 @@
-"""sr3_engine: SR3 image super-resolution (Saharia et al. 2021) as a fast inference engine."""
+"""sr3_engine: SR3 image super-resolution (Saharia et al. 2021) as a fast inference engine.
 
-from .config import NAMED_UNET_CONFIGS, SamplerConfig, ScheduleConfig, UNetConfig
-from .diffusion import diffusion_loss, q_sample, sample_noise_levels
-from .engine import SR3Engine, bundled_models
+docs/ARCHITECTURE.md describes the layers; this module re-exports the public API and loads
+the fused op backends (`op_backends`), so `import sr3_engine` is all a user needs.
+"""
+
+from . import op_backends, ops  # noqa: F401  (op_backends registers the triton and cpp op backends)
+from .config import NAMED_UNET_CONFIGS, ScheduleConfig, UNetConfig
+from .diffusion import condition, diffusion_loss, q_sample, sample_noise_levels
 from .io import ImageError, load_image, save_png
-from .samplers import SAMPLERS, SamplingPlan, ancestral, ddim, make_plan
+from .runtime.engine import SR3Engine
+from .runtime.model_dir import bundled_models
+from .samplers import SAMPLERS, SamplerConfig, SamplingPlan, make_plan, sample
 from .schedules import NoiseSchedule
 from .unet import SR3UNet, set_op_backend
 
@@ -21,13 +27,14 @@ __all__ = [
     "SamplingPlan",
     "ScheduleConfig",
     "UNetConfig",
-    "ancestral",
     "bundled_models",
-    "ddim",
+    "condition",
     "diffusion_loss",
     "load_image",
     "make_plan",
+    "ops",
     "q_sample",
+    "sample",
     "sample_noise_levels",
     "save_png",
     "set_op_backend",

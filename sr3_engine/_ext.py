@@ -1,14 +1,17 @@
 """The `cpp` op backend: loads the C++/CUDA extension sr3_engine._C and registers its operators
-(torch.ops.sr3_engine_cpp.group_norm_silu and .posterior_step) with `sr3_engine.ops`.
+(torch.ops.sr3_engine_cpp.group_norm_silu and .posterior_step) with `sr3_engine.ops`
+(`sr3_engine.op_backends` calls `register_cpp_backend`).
 
 - Runs on CPU tensors, and on CUDA tensors when the module was built with its CUDA kernels
   (`_C.has_cuda()`); x / y_t must be contiguous or channels_last (others go to `native` under
   `auto`, and a named `cpp` raises with that reason).
 - group_norm_silu is autograd-capable: the kernel computes the forward pass; the backward pass is
-  `ops.register_group_norm_silu_autograd`, shared with the Triton op (analytic, float32, statistics
+  `register_autograd` of `sr3_engine.ops.group_norm_silu`, shared with the Triton op (analytic, float32, statistics
   recomputed from the inputs). Higher-order gradients are not supported.
 - posterior_step draws seeded noise inside the kernel with the Philox stream of csrc/philox.h
-  (the Triton backend's stream), so no noise tensor is materialised.
+  (the Triton backend's stream), so no noise tensor is materialised. Its seed is an int argument:
+  a seed tensor is read on the host first (`ops.dispatch`), so this op cannot serve a CUDA graph
+  that is replayed with new seeds.
 - `SR3_ENGINE_SKIP_EXT=1` in the environment leaves the extension unloaded; `register_cpp_backend`
   then, like any failed import, returns the reason that the `cpp` backend's errors will quote.
 """
@@ -20,7 +23,8 @@ import os
 
 import torch
 
-from . import ops
+from .ops import dispatch
+from .ops.group_norm_silu import register_autograd
 
 SKIP_ENV = "SR3_ENGINE_SKIP_EXT"
 _NAMESPACE = "sr3_engine_cpp"
@@ -46,10 +50,6 @@ def load_extension():
     return extension, None
 
 
-def _as_int64(seed: int) -> int:
-    return (int(seed) + 2**63) % 2**64 - 2**63
-
-
 def _predicate(extension):
     def why_not(x: torch.Tensor) -> str | None:
         if x.device.type == "cuda" and not extension.has_cuda():
@@ -65,7 +65,7 @@ def _predicate(extension):
 
 def _register_torch_extras() -> None:
     group_norm_silu = f"{_NAMESPACE}::group_norm_silu"
-    ops.register_group_norm_silu_autograd(group_norm_silu)
+    register_autograd(group_norm_silu)
 
     @torch.library.register_fake(group_norm_silu)
     def _(x, num_groups, weight, bias, pre_bias, eps):
@@ -83,7 +83,7 @@ def _group_norm_silu_cpp(x, num_groups, weight, bias, eps, pre_bias):
 def _posterior_step_cpp(y_t, eps, sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma, noise, seed, step,
                         clip):
     return torch.ops.sr3_engine_cpp.posterior_step(
-        y_t, eps, noise, None if seed is None else _as_int64(seed), _as_int64(step), sqrt_recip_gamma,
+        y_t, eps, noise, seed, dispatch.as_int64_seed(step), sqrt_recip_gamma,
         sqrt_recipm1_gamma, coef1, coef2, sigma, bool(clip),
     )
 
@@ -95,6 +95,6 @@ def register_cpp_backend() -> str | None:
         return reason
     _register_torch_extras()
     predicate = _predicate(extension)
-    ops.register("group_norm_silu", "cpp", _group_norm_silu_cpp, predicate)
-    ops.register("posterior_step", "cpp", _posterior_step_cpp, predicate)
+    dispatch.register("group_norm_silu", "cpp", _group_norm_silu_cpp, predicate)
+    dispatch.register("posterior_step", "cpp", _posterior_step_cpp, predicate)
     return None

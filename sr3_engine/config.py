@@ -1,7 +1,8 @@
 """Frozen, JSON-round-trippable configuration objects.
 
 Every config is a frozen dataclass so it can be hashed, shared between threads and
-written next to a checkpoint without anyone mutating it afterwards. `to_dict` gives
+written next to a checkpoint without anyone mutating it afterwards. (SamplerConfig, whose
+names come from the sampler registry, lives with the samplers in `samplers.py`.) `to_dict` gives
 plain JSON types; `from_dict` rejects unknown keys so a typo in a config file is an
 error instead of a silently ignored setting.
 """
@@ -12,15 +13,13 @@ import dataclasses
 import json
 from typing import Any, Mapping, TypeVar
 
-T = TypeVar("T", bound="_JsonConfig")
+T = TypeVar("T", bound="JsonConfig")
 
 NOISE_LEVEL_INPUTS = ("sqrt_gamma", "gamma")
 SCHEDULE_KINDS = ("linear", "cosine", "warmup", "quad", "const")
-SAMPLERS = ("ancestral", "ddim")
-SIGMA_KINDS = ("posterior", "beta")
 
 
-class _JsonConfig:
+class JsonConfig:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _to_json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
@@ -56,7 +55,7 @@ def _check_choice(owner: str, field: str, value: Any, choices: tuple) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig(_JsonConfig):
+class UNetConfig(JsonConfig):
     """The SR3 U-Net, laid out like the most used open SR3 implementation.
 
     `image_size` only decides at which feature-map sizes attention is placed
@@ -126,7 +125,7 @@ NAMED_UNET_CONFIGS: dict[str, UNetConfig] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ScheduleConfig(_JsonConfig):
+class ScheduleConfig(JsonConfig):
     """A beta schedule over `steps` training steps, optionally respaced to `respace` steps."""
 
     kind: str = "linear"
@@ -147,32 +146,3 @@ class ScheduleConfig(_JsonConfig):
             raise ValueError(f"ScheduleConfig.warmup_frac must be in (0, 1]; got {self.warmup_frac}")
         if self.respace is not None and not (isinstance(self.respace, int) and 1 <= self.respace <= self.steps):
             raise ValueError(f"ScheduleConfig.respace must be in [1, {self.steps}]; got {self.respace!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig(_JsonConfig):
-    """How the reverse process is run.
-
-    `sigma="posterior"` uses the posterior standard deviation of eq. 4, `"beta"` the
-    paper's sqrt(1 - alpha_t). `eta` only applies to DDIM (0 = deterministic).
-
-    `strength` is the fraction of the schedule that is run. At 1 the reverse process starts
-    from pure noise (SR3). Below 1 it starts from the bicubic condition diffused to the
-    noise level of the first step run, y = sqrt(gamma) x_up + sqrt(1 - gamma) z, and runs
-    only the remaining steps (the warm start of Chung et al. 2022, "Come-Closer-Diffuse-
-    Faster"): fewer steps, and the low frequencies come from the input.
-    """
-
-    name: str = "ancestral"
-    clip: bool = True
-    sigma: str = "posterior"
-    eta: float = 0.0
-    strength: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_choice("SamplerConfig", "name", self.name, SAMPLERS)
-        _check_choice("SamplerConfig", "sigma", self.sigma, SIGMA_KINDS)
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"SamplerConfig.eta must be in [0, 1]; got {self.eta}")
-        if not 0.0 < self.strength <= 1.0:
-            raise ValueError(f"SamplerConfig.strength must be in (0, 1]; got {self.strength}")

@@ -1,62 +1,8 @@
-"""`python -m sr3_engine.demo` (what `make demo` runs): super-resolve the bundled photo x4.
+"""`python -m sr3_engine.demo`: the same command as `python -m sr3_engine demo` (sr3_engine/cli/demo.py)."""
 
-The photo is a 64x64 crop of scikit-image's "chelsea", made from its 256x256 original
-exactly as training inputs are made; the demo model never saw that photo. The demo
-writes the SR3 output and a side-by-side sheet (LR nearest-upscaled | bicubic | SR3 | HR)
-and prints where they are, how long sampling took and how the output scores against
-bicubic on this one photo.
-"""
+import sys
 
-from __future__ import annotations
-
-import argparse
-import time
-from pathlib import Path
-from typing import Sequence
-
-import torch
-
-from . import metrics, resize
-from .engine import ASSETS_DIR, SR3Engine
-from .evaluate import contact_sheet, nearest_up
-from .io import load_image, pil_to_tensor, save_png, tensor_to_pil
-from .samplers import make_plan
-
-PHOTO_LR = ASSETS_DIR / "photos" / "chelsea-lr.png"
-PHOTO_HR = ASSETS_DIR / "photos" / "chelsea-hr.png"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sr3_engine.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo-x4", help="model directory or bundled model name")
-    parser.add_argument("--out", type=Path, default=Path("out/demo"))
-    parser.add_argument("--steps", type=int, default=None, help="default: the model's tuned schedule")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-
-    engine = SR3Engine.from_pretrained(args.model, device=args.device)
-    lr = pil_to_tensor(load_image(PHOTO_LR))[None]
-    hr = pil_to_tensor(load_image(PHOTO_HR))[None]
-    schedule = engine.schedule.respaced(args.steps) if args.steps is not None else engine.schedule
-    steps = make_plan(schedule, engine.sampler).num_steps
-    print(f"upscaling {PHOTO_LR.name} {lr.shape[-1]}x{lr.shape[-2]} -> x{engine.scale} with {args.model} "
-          f"({engine.sampler.name}, {steps} denoising steps, strength {engine.sampler.strength}, {args.device})")
-    started = time.perf_counter()
-    sr = engine.sample(lr, generator=torch.Generator().manual_seed(args.seed), schedule=schedule).cpu()
-    seconds = time.perf_counter() - started
-
-    bicubic = resize.upsample(lr, engine.scale).clamp(0.0, 1.0)
-    output = save_png(tensor_to_pil(sr[0]), args.out / "chelsea-sr3.png")
-    sheet = save_png(contact_sheet([(nearest_up(lr[0], engine.scale), bicubic[0], sr[0], hr[0])]),
-                     args.out / "chelsea-sheet.png")
-    print(f"sampling took {seconds:.1f} s")
-    print(f"PSNR  SR3 {metrics.psnr(sr, hr).item():.2f} dB, bicubic {metrics.psnr(bicubic, hr).item():.2f} dB "
-          f"(RGB in [0, 255]); SSIM SR3 {metrics.ssim(sr, hr).item():.4f}, bicubic {metrics.ssim(bicubic, hr).item():.4f}")
-    print(f"wrote {output}")
-    print(f"wrote {sheet} (LR nearest | bicubic | SR3 | HR)")
-    return 0
-
+from .cli.demo import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,15 +1,21 @@
-"""Forward process and the training objective (SR3 eq. 5-6).
+"""Forward process, conditioning and the training objective (SR3 eq. 5-6).
 
 The network is conditioned on a continuous noise level, not on the step index:
 training draws t uniformly from 1..T, then the level uniformly between the schedule's
 levels at t - 1 and t. That is what lets inference use a different, much shorter
 schedule than training.
+
+`condition` is the one place the conditioning image x_up is made, for training, evaluation
+and the engine alike: a model is served with the condition it was trained on.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from . import resize
 
 from .config import NOISE_LEVEL_INPUTS
 from .schedules import NoiseSchedule
@@ -33,6 +39,23 @@ def q_sample(y0: torch.Tensor, noise_level: torch.Tensor, noise: torch.Tensor) -
     """y~ = sqrt(gamma) y0 + sqrt(1 - gamma) eps, with noise_level = sqrt(gamma) of shape (B,)."""
     level = noise_level.reshape(-1, *([1] * (y0.dim() - 1))).to(y0.dtype)
     return level * y0 + torch.sqrt(1.0 - level * level) * noise
+
+
+def condition(lr: torch.Tensor, scale: int, size_multiple: int = 1) -> torch.Tensor:
+    """x_up for low-res images lr (B, C, h, w) in [0, 1]: upsampled bicubically by `scale`, mapped
+    to [-1, 1] and clamped there, then padded by replicating the last row and column up to
+    multiples of `size_multiple` (what the U-Net takes). The image is x_up[..., :h*scale, :w*scale]."""
+    x_up = resize.upsample(lr * 2.0 - 1.0, scale).clamp(-1.0, 1.0)
+    height, width = x_up.shape[-2:]
+    pad_h, pad_w = (-height) % size_multiple, (-width) % size_multiple
+    if pad_h or pad_w:
+        x_up = F.pad(x_up, (0, pad_w, 0, pad_h), mode="replicate")
+    return x_up
+
+
+def output_image(y0: torch.Tensor) -> torch.Tensor:
+    """A sampled y_0 in [-1, 1] as an image in [0, 1], float32 (the inverse of `condition`'s mapping)."""
+    return ((y0.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 def sample_noise_levels(schedule: NoiseSchedule, batch: int, *, generator: torch.Generator | None = None,

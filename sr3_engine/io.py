@@ -195,9 +195,15 @@ def _unidentified_reason(path: Path) -> str:
     return "not a PNG, JPEG, WebP, TIFF or BMP image"
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (its type name when it has none)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _describe(error: BaseException) -> str:
-    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-    return " ".join(text.split()) or type(error).__name__
+    if isinstance(error, OSError) and error.strerror:
+        return " ".join(error.strerror.split())
+    return one_line(error)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:

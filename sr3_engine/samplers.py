@@ -1,6 +1,6 @@
-"""Reverse-process samplers: ancestral (SR3 eq. 9-11) and DDIM.
+"""Reverse-process samplers: ancestral (SR3 eq. 9-11) and DDIM, and the one sampling loop.
 
-Both reduce to the same update, which `ops.posterior_step` runs in one pass:
+Every sampler reduces to the same update, which `ops.posterior_step` runs in one pass:
 
     y0_hat = y_t / sqrt(gamma_t) - sqrt(1/gamma_t - 1) * eps_hat      (clipped to [-1, 1])
     y_prev = coef1 * y0_hat + coef2 * y_t + sigma * z
@@ -12,25 +12,65 @@ DDIM (Song et al. 2021) with eps re-derived from the clipped y0_hat:
     d = sqrt(1 - gamma_prev - s^2)
     coef1 = sqrt(gamma_prev) - d / sqrt(1/gamma_t - 1),  coef2 = d / (sqrt(gamma_t) sqrt(1/gamma_t - 1)),  sigma = s
 
-A plan holds those per-step scalars in float64, in the order they are applied (t = T
-down to 1). Every sampler has the signature of `ancestral`.
+A sampler is a planner: a small function (schedule, config) -> SamplingPlan, registered
+in `SAMPLERS`, the one list of sampler names. A plan holds the per-step scalars in
+float64, in the order they are applied (t = T down to 1). `sample` is the public entry
+point and `SR3Engine.sample` takes the same path (`sample_with`); every loop that runs a
+plan (the eager one here, the fused backend's captured one) is `run_steps`, and every
+step of it is `posterior_update`: noise choice, posterior step, non-finite flag.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import functools
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from . import ops
-from .config import SamplerConfig
-from .diffusion import randn
+from .config import JsonConfig
+from .diffusion import q_sample, randn
 from .schedules import NoiseSchedule
 
+SIGMA_KINDS = ("posterior", "beta")
+
 StepCallback = Callable[[int, int, torch.Tensor], None]
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig(JsonConfig):
+    """How the reverse process is run.
+
+    `name` is a key of `SAMPLERS`. `sigma="posterior"` uses the posterior standard deviation
+    of eq. 4, `"beta"` the paper's sqrt(1 - alpha_t). `eta` only applies to DDIM (0 =
+    deterministic).
+
+    `strength` is the fraction of the schedule that is run. At 1 the reverse process starts
+    from pure noise (SR3). Below 1 it starts from the condition diffused to the noise level
+    of the first step run, q(y_t | y_0 = x_up) = sqrt(gamma) x_up + sqrt(1 - gamma) z, and runs
+    only the remaining steps (the warm start of Chung et al. 2022, "Come-Closer-Diffuse-
+    Faster"): fewer steps, and the low frequencies come from the input.
+    """
+
+    name: str = "ancestral"
+    clip: bool = True
+    sigma: str = "posterior"
+    eta: float = 0.0
+    strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in SAMPLERS:
+            raise ValueError(f"SamplerConfig.name must be one of {tuple(SAMPLERS)}; got {self.name!r}")
+        if self.sigma not in SIGMA_KINDS:
+            raise ValueError(f"SamplerConfig.sigma must be one of {SIGMA_KINDS}; got {self.sigma!r}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"SamplerConfig.eta must be in [0, 1]; got {self.eta}")
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"SamplerConfig.strength must be in (0, 1]; got {self.strength}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -103,48 +143,112 @@ def _reversed_plan(schedule: NoiseSchedule, coef1, coef2, sigma, clip: bool) -> 
     )
 
 
-PLANNERS: dict[str, Callable[[NoiseSchedule, SamplerConfig], SamplingPlan]] = {
+Planner = Callable[[NoiseSchedule, SamplerConfig], SamplingPlan]
+
+# The one registry of samplers: SamplerConfig, the commands and the engine take names from it.
+SAMPLERS: dict[str, Planner] = {
     "ancestral": ancestral_plan,
     "ddim": ddim_plan,
 }
 
 
 def make_plan(schedule: NoiseSchedule, config: SamplerConfig) -> SamplingPlan:
-    plan = PLANNERS[config.name](schedule, config)
+    """The plan of `config` over `schedule`, cut to its last steps when config.strength < 1."""
+    plan = SAMPLERS[config.name](schedule, config)
     if config.strength < 1.0:
         plan = plan.last(max(1, round(config.strength * plan.num_steps)))
     return plan
 
 
 def initial_state(plan: SamplingPlan, x_up: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """y at the plan's first step: pure noise when the plan runs the whole schedule (SR3
-    treats gamma_T as 0), else x_up diffused to the first step's level by q(y_t | y_0)."""
+    """y at the plan's first step, float32: pure noise when the plan runs the whole schedule
+    (SR3 treats gamma_T as 0), else x_up diffused to the first step's level by q(y_t | y_0)."""
     if not plan.warm_start:
-        return noise
-    level = float(plan.noise_level[0])
-    return level * x_up.float() + (1.0 - level * level) ** 0.5 * noise
+        return noise.float()
+    level = torch.full((x_up.shape[0],), float(plan.noise_level[0]), device=x_up.device, dtype=torch.float32)
+    return q_sample(x_up.float(), level, noise.float())
 
 
-def run_plan(model: nn.Module, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,
-             generator: torch.Generator | None = None, callback: StepCallback | None = None,
-             backend: str = "auto") -> torch.Tensor:
-    """Apply `plan` from y_T. The state stays float32 whatever the model's dtype, so rounding
-    does not accumulate over the steps. Raises FloatingPointError naming the first step that
-    produced NaN or Inf (checked once at the end, so there is no per-step sync)."""
+def level_tensors(plan: SamplingPlan, batch: int, device: torch.device | str) -> list[torch.Tensor]:
+    """The noise level fed to the network at each step, one (batch,) float32 tensor per step."""
+    return [torch.full((batch,), float(level), device=device, dtype=torch.float32) for level in plan.noise_level]
+
+
+class NoiseSource(Protocol):
+    def for_step(self, step: int, like: torch.Tensor) -> dict: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorNoise:
+    """Each step's z drawn from `generator` on its own device (the eager backends' noise)."""
+
+    generator: torch.Generator | None
+
+    def for_step(self, step: int, like: torch.Tensor) -> dict:
+        return {"noise": randn(tuple(like.shape), self.generator, like.device)}
+
+
+@dataclasses.dataclass(frozen=True)
+class GivenNoise:
+    """Each step's z read from a buffer of shape (steps, *y.shape), filled by the caller."""
+
+    buffer: torch.Tensor
+
+    def for_step(self, step: int, like: torch.Tensor) -> dict:
+        return {"noise": self.buffer[step]}
+
+
+@dataclasses.dataclass(frozen=True)
+class SeededNoise:
+    """Each step's z drawn inside the posterior kernel from (seed, step); `seed` is an int or a
+    0-d int64 tensor on the state's device (see `ops.dispatch`)."""
+
+    seed: int | torch.Tensor
+
+    def for_step(self, step: int, like: torch.Tensor) -> dict:
+        return {"seed": self.seed, "step": step}
+
+
+def posterior_update(plan: SamplingPlan, i: int, y: torch.Tensor, eps: torch.Tensor, *, noise: NoiseSource,
+                     nonfinite: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Step i of `plan` from state y given the network's eps: y_prev, and nonfinite[i] set when
+    y_prev holds NaN or Inf (a device-side flag, so no step waits for the host)."""
+    step = plan.step_kwargs(i)
+    noise_kwargs = noise.for_step(i, y) if step["sigma"] != 0.0 else {}
+    y = ops.posterior_step(y, eps, clip=plan.clip, backend=backend, **noise_kwargs, **step)
+    nonfinite[i] = ~torch.isfinite(y).all()
+    return y
+
+
+def run_steps(denoise: Denoiser, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,
+              noise: NoiseSource, nonfinite: torch.Tensor, levels: Sequence[torch.Tensor] | None = None,
+              steps: Sequence[int] | None = None, callback: StepCallback | None = None,
+              backend: str = "auto") -> torch.Tensor:
+    """Apply `steps` (default: all) of `plan` from y_T. The state stays float32 whatever the
+    model's dtype, so rounding does not accumulate over the steps; the network sees it in
+    x_up's dtype. `levels` (default: `level_tensors`) are the per-step network inputs, for a
+    caller that must own them (a captured graph reads them on every replay)."""
     # A copy even when y_T is float32 already: under inference_mode every step's y is then an
     # inference tensor, so a compiled model sees one kind of input and does not recompile after step 1.
     y = y_T.to(torch.float32, copy=True)
-    batch = y.shape[0]
-    nonfinite = torch.zeros(plan.num_steps, dtype=torch.bool, device=y.device)
-    for i in range(plan.num_steps):
-        level = torch.full((batch,), float(plan.noise_level[i]), device=y.device, dtype=torch.float32)
-        eps = model(x_up, y.to(x_up.dtype), level)
-        step = plan.step_kwargs(i)
-        noise = randn(tuple(y.shape), generator, y.device) if step["sigma"] != 0.0 else None
-        y = ops.posterior_step(y, eps, noise=noise, clip=plan.clip, backend=backend, **step)
-        nonfinite[i] = ~torch.isfinite(y).all()
+    if levels is None:
+        levels = level_tensors(plan, y.shape[0], y.device)
+    for i in range(plan.num_steps) if steps is None else steps:
+        eps = denoise(x_up, y.to(x_up.dtype), levels[i])
+        y = posterior_update(plan, i, y, eps, noise=noise, nonfinite=nonfinite, backend=backend)
         if callback is not None:
             callback(i, plan.num_steps, y)
+    return y
+
+
+def run_plan(denoise: Denoiser, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,
+             generator: torch.Generator | None = None, callback: StepCallback | None = None,
+             backend: str = "auto") -> torch.Tensor:
+    """The whole plan from y_T with noise from `generator`. Raises FloatingPointError naming the
+    first step that produced NaN or Inf (checked once at the end, so there is no per-step sync)."""
+    nonfinite = torch.zeros(plan.num_steps, dtype=torch.bool, device=y_T.device)
+    y = run_steps(denoise, x_up, y_T, plan, noise=GeneratorNoise(generator), nonfinite=nonfinite,
+                  callback=callback, backend=backend)
     raise_if_nonfinite(nonfinite, plan)
     return y
 
@@ -160,20 +264,28 @@ def raise_if_nonfinite(nonfinite: torch.Tensor, plan: SamplingPlan) -> None:
         )
 
 
-def ancestral(model: nn.Module, x_up: torch.Tensor, y_T: torch.Tensor, schedule: NoiseSchedule, *,
-              config: SamplerConfig = SamplerConfig("ancestral"), generator: torch.Generator | None = None,
-              callback: StepCallback | None = None, backend: str = "auto") -> torch.Tensor:
-    """SR3's ancestral sampler (eq. 9-11)."""
-    return run_plan(model, x_up, y_T, ancestral_plan(schedule, config), generator=generator,
-                    callback=callback, backend=backend)
+class PlanRunner(Protocol):
+    """Runs a whole plan from y_T: `run_plan` around a denoiser, or an engine backend's `run`."""
+
+    def __call__(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,
+                 generator: torch.Generator | None, callback: StepCallback | None) -> torch.Tensor: ...
 
 
-def ddim(model: nn.Module, x_up: torch.Tensor, y_T: torch.Tensor, schedule: NoiseSchedule, *,
-         config: SamplerConfig = SamplerConfig("ddim"), generator: torch.Generator | None = None,
-         callback: StepCallback | None = None, backend: str = "auto") -> torch.Tensor:
-    """DDIM; deterministic with config.eta = 0."""
-    return run_plan(model, x_up, y_T, ddim_plan(schedule, config), generator=generator,
-                    callback=callback, backend=backend)
+def sample_with(run: PlanRunner, x_up: torch.Tensor, schedule: NoiseSchedule, config: SamplerConfig, *,
+                generator: torch.Generator | None = None, callback: StepCallback | None = None) -> torch.Tensor:
+    """Plan `config` over `schedule`, draw the initial state for condition x_up from `generator`
+    (pure noise, or the diffused condition when config.strength < 1) and let `run` apply the plan."""
+    plan = make_plan(schedule, config)
+    y_T = initial_state(plan, x_up, randn(tuple(x_up.shape), generator, x_up.device))
+    return run(x_up, y_T, plan, generator=generator, callback=callback)
 
 
-SAMPLERS = {"ancestral": ancestral, "ddim": ddim}
+def sample(model: nn.Module | Denoiser, x_up: torch.Tensor, schedule: NoiseSchedule,
+           config: SamplerConfig = SamplerConfig(), *, generator: torch.Generator | None = None,
+           callback: StepCallback | None = None, backend: str = "auto") -> torch.Tensor:
+    """SR3 sampling with any denoiser model(x_up, y_t, noise_level) -> eps: condition x_up
+    (B, C, H, W) in [-1, 1] -> y_0 (B, C, H, W) in [-1, 1], float32. Honours the whole
+    `config` (sampler, sigma, eta, clip, strength); the same generator seed gives the same
+    output. `backend` is the op backend of the posterior step."""
+    return sample_with(functools.partial(run_plan, model, backend=backend), x_up, schedule, config,
+                       generator=generator, callback=callback)

@@ -124,7 +124,7 @@ def test_same_seed_same_output_and_independent_of_other_images(tmp_path, model_d
 def test_ddim_and_bfloat16(tmp_path, model_dir):
     _save_rgb(tmp_path / "a.png")
     assert _upscale(model_dir, tmp_path / "a.png", "-o", tmp_path / "out", "--sampler", "ddim",
-                    "--dtype", "bfloat16") == 0
+                    "--dtype", "bf16") == 0
     assert Image.open(tmp_path / "out" / "a.png").size == (24, 16)
 
 

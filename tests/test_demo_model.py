@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import sr3_engine as sr3
-from sr3_engine import demo
-from sr3_engine.engine import ASSETS_DIR
+from sr3_engine.cli import demo
+from sr3_engine.runtime.model_dir import ASSETS_DIR
 
 pytestmark = pytest.mark.skipif(not (ASSETS_DIR / "demo-x4" / "config.json").is_file(),
                                 reason="the demo-x4 weights are not bundled in this checkout")

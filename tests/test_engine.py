@@ -1,4 +1,4 @@
-"""SR3Engine: the public contract of DESIGN §3."""
+"""SR3Engine: the public contract of docs/ARCHITECTURE.md ("The engine")."""
 
 import copy
 import json
@@ -9,7 +9,7 @@ import torch.nn as nn
 from PIL import Image
 
 import sr3_engine as sr3
-from sr3_engine.backends import BackendUnavailableError
+from sr3_engine.runtime.backends import BackendUnavailableError
 
 
 def _engine(model, **kwargs):
@@ -37,6 +37,29 @@ def test_sample_shape_range_and_determinism(tiny_model):
     assert hr.min() >= 0 and hr.max() <= 1
     torch.testing.assert_close(hr, engine.sample(lr, generator=_seeded(0)), rtol=0, atol=0)
     assert not torch.equal(hr, engine.sample(lr, generator=_seeded(1)))
+
+
+def test_the_engine_and_the_public_sample_are_one_path(tiny_model):
+    engine = _engine(tiny_model, sampler=sr3.SamplerConfig("ddim", eta=0.5, strength=0.5))
+    lr = torch.rand(2, 3, 4, 6)
+    x_up = sr3.condition(lr, 2, tiny_model.config.size_multiple)
+    with torch.inference_mode():
+        y0 = sr3.sample(tiny_model, x_up, engine.schedule, engine.sampler, generator=_seeded(4))
+    expected = ((y0[..., :8, :12] + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(engine.sample(lr, generator=_seeded(4)), expected, rtol=0, atol=0)
+
+
+def test_an_engine_is_not_changed_after_construction(tiny_model):
+    engine = _engine(tiny_model)
+    for name in ("schedule", "sampler", "scale", "device", "dtype", "model", "backend", "progress"):
+        with pytest.raises(AttributeError):
+            setattr(engine, name, None)
+    lr = torch.rand(1, 3, 4, 4)
+    ddim = engine.sample(lr, sampler="ddim", steps=4, generator=_seeded(1))
+    assert engine.sampler == sr3.SamplerConfig() and engine.schedule.num_steps == 8
+    torch.testing.assert_close(ddim, engine.sample(lr, sampler=sr3.SamplerConfig("ddim"),
+                                                   schedule=engine.schedule.respaced(4), generator=_seeded(1)),
+                               rtol=0, atol=0)
 
 
 def test_sizes_the_network_cannot_take_are_padded_and_cropped(tiny_model):
@@ -144,6 +167,14 @@ def test_a_named_backend_that_is_not_here_says_so(tiny_model):
         _engine(tiny_model, backend="tensorrt")
 
 
+@pytest.mark.parametrize("op_backend", ["native", "cpp"])
+def test_fused_refuses_an_op_backend_its_graphs_cannot_reseed(tiny_model, op_backend):
+    # Checked before anything touches the device, so this runs without a GPU.
+    _skip_unless_available(op_backend, torch.zeros(1, 8, 1, 1))
+    with pytest.raises(BackendUnavailableError, match=f"cannot capture op backend '{op_backend}'.*CUDA graph"):
+        _engine(tiny_model, backend="fused", device="cuda", op_backend=op_backend)
+
+
 def test_upscale_keeps_order_sizes_and_alpha(tiny_model):
     engine = _engine(tiny_model, scale=2)
     rgba = Image.new("RGBA", (5, 3), (10, 200, 30, 128))
@@ -169,7 +200,7 @@ def test_a_config_with_wrong_values_names_the_file(tiny_model, tmp_path):
     document = json.loads((tmp_path / "config.json").read_text())
     document["model"]["norm_groups"] = 5
     (tmp_path / "config.json").write_text(json.dumps(document))
-    with pytest.raises(ValueError, match="config.json: UNetConfig"):
+    with pytest.raises(ValueError, match="config.json: model: UNetConfig"):
         sr3.SR3Engine.from_pretrained(tmp_path)
 
 
@@ -233,7 +264,7 @@ def test_the_denoiser_compiles_as_one_graph(tiny_model, op_backend, monkeypatch)
     # count until its recompile limit, then runs eagerly: compile would be slower than eager.
     x = torch.rand(1, 3, 8, 8)
     _skip_unless_available(op_backend, x)
-    monkeypatch.setattr(sr3.ops, "_logged_auto_choices", set())  # the first auto choice is logged
+    monkeypatch.setattr(sr3.ops.dispatch, "_logged_auto_choices", set())  # the first auto choice is logged
     model = copy.deepcopy(tiny_model).eval()
     sr3.set_op_backend(model, op_backend)
     torch._dynamo.reset()
@@ -245,9 +276,26 @@ def test_the_denoiser_compiles_as_one_graph(tiny_model, op_backend, monkeypatch)
 
 @pytest.mark.parametrize("op_backend", ["auto", "native", "cpp"])
 def test_compile_backend_compiles_native_ops_unless_told_otherwise(tiny_model, op_backend):
+    # What Inductor is handed: F.group_norm and F.silu it can fuse, or the named backend's opaque op.
     _skip_unless_available(op_backend, torch.rand(1, 3, 4, 4))
-    engine = _engine(tiny_model, backend="compile", op_backend=op_backend, backend_options={"compiler": "aot_eager"})
-    assert engine.backend.op_backend == ("native" if op_backend == "auto" else op_backend)
+    targets = []
+
+    def recording_compiler(graph_module, example_inputs):
+        targets.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    engine = _engine(tiny_model, backend="compile", op_backend=op_backend,
+                     backend_options={"compiler": recording_compiler})
+    engine.sample(torch.rand(1, 3, 4, 4), generator=_seeded(0))
+    fused_calls = sum("sr3_engine" in target for target in targets)
+    native_calls = sum("group_norm" in target and "sr3_engine" not in target for target in targets)
+    # Attention's GroupNorm has no SiLU after it and stays native on every backend.
+    attention_norms = sum(isinstance(m, nn.GroupNorm) for m in tiny_model.modules())
+    if op_backend == "cpp":
+        assert fused_calls > 0 and native_calls == attention_norms
+    else:
+        assert fused_calls == 0 and native_calls > attention_norms
 
 
 def test_compile_backend_compiles_once_per_shape(tiny_model):

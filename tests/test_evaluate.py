@@ -1,4 +1,4 @@
-"""`python -m sr3_engine.evaluate` against PSNR computed here from its definition."""
+"""`python -m sr3_engine evaluate` against PSNR computed here from its definition."""
 
 import json
 import math
@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 import sr3_engine as sr3
-from sr3_engine import evaluate, resize
-from sr3_engine.data import make_lr
+from sr3_engine import resize
+from sr3_engine.cli import evaluate
+from sr3_engine.training.data import make_lr
 
 
 def _psnr_8bit(a: torch.Tensor, b: torch.Tensor) -> float:

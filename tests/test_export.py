@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import sr3_engine as sr3
-from sr3_engine import export
-from sr3_engine.backends import BackendUnavailableError, create_backend
+from sr3_engine.cli import export
+from sr3_engine.runtime import onnx_export
+from sr3_engine.runtime.backends import BackendUnavailableError, create_backend
 
 HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -73,12 +74,12 @@ def test_dynamic_shapes_run_at_other_batch_and_size(tiny_onnx, tiny_dir):
 
     model = sr3.SR3Engine.from_pretrained(tiny_dir, progress=False).model
     session = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
-    inputs = export.example_inputs(3, 24, 32, torch.float32)  # exported at 1x16x16
-    (eps,) = session.run(["eps"], {n: t.numpy() for n, t in zip(export.INPUT_NAMES, inputs)})
+    inputs = onnx_export.example_inputs(3, 24, 32, torch.float32)  # exported at 1x16x16
+    (eps,) = session.run(["eps"], {n: t.numpy() for n, t in zip(onnx_export.INPUT_NAMES, inputs)})
     with torch.no_grad():
         reference = model(*inputs)
     assert eps.shape == (3, 3, 24, 32)
-    assert float((torch.from_numpy(eps) - reference).abs().max()) < export.TOLERANCE[torch.float32]
+    assert float((torch.from_numpy(eps) - reference).abs().max()) < onnx_export.TOLERANCE[torch.float32]
 
 
 @needs_onnx
@@ -106,6 +107,15 @@ def test_onnxruntime_engine_matches_eager_for_the_same_seed(tiny_dir, tiny_onnx)
     assert samples[0].shape == (2, 3, 24, 20)
     for sample in samples[1:]:
         assert float((sample - samples[0]).abs().max()) < 1e-3
+
+
+@needs_onnx
+def test_onnxruntime_backend_exports_a_copy_and_leaves_the_model_alone():
+    model = sr3.SR3UNet(sr3.UNetConfig.named("tiny")).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sr3.SR3Engine(model, backend="onnxruntime", dtype=torch.float16, progress=False)
+    assert model.training and all(torch.equal(v, before[k]) and v.dtype == torch.float32
+                                  for k, v in model.state_dict().items())
 
 
 @needs_onnx

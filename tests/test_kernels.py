@@ -1,7 +1,7 @@
 """The Triton kernels (kernels/, installed as sr3_engine.kernels), beyond the generic op tests.
 
 tests/test_ops.py holds every registered backend, triton included, to the float64 references
-over the DESIGN §5 grid. This file covers what is particular to the kernels: the split
+over the grid of docs/ARCHITECTURE.md ("Tests"). This file covers what is particular to the kernels: the split
 reduction and its plan, numerical robustness, the in-kernel noise, the custom ops that
 torch.compile and CUDA graphs see, and that the kernels compile for Hopper (which the CPU
 interpreter cannot show). Kernels run on CUDA, or on the CPU when the process was started
@@ -49,7 +49,7 @@ def _inputs(batch, channels, height, width, dtype, channels_last, seed=0):
 
 
 def _assert_three_way(out, x, groups, weight, bias, pre_bias):
-    """DESIGN §5: |kernel - ref64| <= 2 |native - ref64| + atol, elementwise."""
+    """docs/ARCHITECTURE.md, "Tests": |kernel - ref64| <= 2 |native - ref64| + atol, elementwise."""
     ref64 = gn.group_norm_silu_ref(x.double(), groups, weight.double(), bias.double(),
                                     pre_bias=None if pre_bias is None else pre_bias.double())
     native = ops.group_norm_silu(x, groups, weight, bias, pre_bias=pre_bias, backend="native")
@@ -77,7 +77,7 @@ def test_split_reduction_matches_the_reference(dtype, case, channels_last):
     p = gn.plan(batch, channels, groups, height * width, channels_last, x.element_size(), 1, split=split, tile=tile)
     assert p.num_chunks > 1 and p.chunk > p.block_s, f"not split into chunks of several tiles: {p}"
     out = gn.group_norm_silu_triton(x, groups, weight, bias, pre_bias=pre_bias, split=split, tile=tile)
-    assert out.dtype == dtype and out.is_contiguous(memory_format=gn.memory_format(x))
+    assert out.dtype == dtype and out.is_contiguous(memory_format=ops.dense_format(x))
     _assert_three_way(out, x, groups, weight, bias, pre_bias)
 
 
@@ -232,7 +232,7 @@ def test_noise_is_a_function_of_seed_step_and_index_alone():
 @runs_kernels
 @pytest.mark.parametrize("seed", [0, 7, -5, 2**40 + 3, 2**64 - 1])
 def test_a_seed_tensor_draws_what_the_int_seed_draws(seed):
-    as_tensor = torch.tensor(ps.as_int64_seed(seed), dtype=torch.int64, device=DEVICE)
+    as_tensor = torch.tensor(ops.as_int64_seed(seed), dtype=torch.int64, device=DEVICE)
     torch.testing.assert_close(_noise(1000, seed=as_tensor, step=2), _noise(1000, seed=seed, step=2), rtol=0, atol=0)
 
 

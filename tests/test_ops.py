@@ -1,4 +1,4 @@
-"""Fused ops against their float64 references (DESIGN §5), for every available backend.
+"""Fused ops against their float64 references (docs/ARCHITECTURE.md, "Tests"), for every available backend.
 
 Three-way rule: |backend - ref_fp64| <= 2 * |native_same_dtype - ref_fp64| + atol.
 Backends that are not built here are skipped with the reason the dispatcher gives.
@@ -10,6 +10,7 @@ import torch
 from sr3_engine import ops
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+STEP = dict(sqrt_recip_gamma=1.7, sqrt_recipm1_gamma=1.37, coef1=0.21, coef2=0.83, sigma=0.12)
 DTYPES = list(ATOL)
 
 
@@ -106,25 +107,63 @@ def test_group_norm_silu_rejects_bad_arguments(call, message):
         call(torch.randn(2, 8, 3, 3))
 
 
-def test_a_named_backend_that_cannot_run_raises_with_the_reason():
-    x = torch.randn(1, 8, 2, 2)
-    for backend in ("triton", "cpp"):
-        reason = ops.why_unavailable("group_norm_silu", backend, x)
-        if reason is None:
-            continue
-        with pytest.raises(RuntimeError, match=f"backend '{backend}' cannot run"):
-            ops.group_norm_silu(x, 4, backend=backend)
+def _without_fused_backends(monkeypatch):
+    """The registry as a build without the Triton kernels and the C++ extension sees it."""
+    registry = {op: {"native": impls["native"]} for op, impls in ops.dispatch._REGISTRY.items()}
+    monkeypatch.setattr(ops.dispatch, "_REGISTRY", registry)
+    monkeypatch.setattr(ops.dispatch, "_UNAVAILABLE_REASONS", {"triton": "no triton in this test", "cpp": "no _C here"})
 
 
-def test_auto_always_finds_a_backend_on_cpu():
+@pytest.mark.parametrize("backend, reason", [("triton", "no triton in this test"), ("cpp", "no _C here")])
+def test_a_named_backend_that_cannot_run_raises_with_the_reason(monkeypatch, backend, reason):
+    _without_fused_backends(monkeypatch)
     x = torch.randn(1, 8, 2, 2)
-    assert ops.resolve_backend("group_norm_silu", "auto", x) in ops.available_backends("group_norm_silu", x)
+    with pytest.raises(RuntimeError, match=f"group_norm_silu: backend '{backend}' cannot run on cpu .*: {reason}"):
+        ops.group_norm_silu(x, 4, backend=backend)
+    with pytest.raises(RuntimeError, match=f"posterior_step: backend '{backend}' cannot run on cpu .*: {reason}"):
+        ops.posterior_step(x, x, **{**STEP, "sigma": 0.0}, backend=backend)
+
+
+def test_a_backend_whose_predicate_refuses_is_not_picked_by_auto(monkeypatch):
+    calls = []
+    monkeypatch.setitem(ops.dispatch._REGISTRY["group_norm_silu"], "cpp", ops.dispatch.Implementation(
+        lambda *args: calls.append(args), lambda x: "refuses every tensor in this test"))
+    x = torch.randn(1, 8, 2, 2)
+    assert ops.resolve_backend("group_norm_silu", "auto", x) == "native"
+    torch.testing.assert_close(ops.group_norm_silu(x, 4), ops.group_norm_silu_ref(x, 4, None, None),
+                               rtol=1e-5, atol=1e-5)
+    assert calls == []
+    with pytest.raises(RuntimeError, match="refuses every tensor in this test"):
+        ops.group_norm_silu(x, 4, backend="cpp")
+
+
+def test_auto_falls_back_to_native_without_fused_backends(monkeypatch):
+    _without_fused_backends(monkeypatch)
+    x = torch.randn(2, 8, 3, 3)
+    assert ops.available_backends("group_norm_silu", x) == ["native"]
+    torch.testing.assert_close(ops.group_norm_silu(x, 4), ops.group_norm_silu_ref(x, 4, None, None),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_seed_tensor_means_the_same_noise_as_its_int(monkeypatch):
+    y_t = torch.zeros(1, 3, 4, 4)
+    for backend in ops.available_backends("posterior_step", y_t):
+        by_int = ops.posterior_step(y_t, y_t, **STEP, seed=-5, step=2, backend=backend)
+        by_tensor = ops.posterior_step(y_t, y_t, **STEP, seed=torch.tensor(-5), step=2, backend=backend)
+        torch.testing.assert_close(by_tensor, by_int, rtol=0, atol=0, msg=backend)
+
+
+def test_only_backends_that_read_a_device_seed_can_be_captured():
+    cuda = torch.device("cuda")
+    assert ops.why_no_device_seed("native", torch.device("cpu")) is None
+    assert "CUDA graph" in ops.why_no_device_seed("native", cuda)
+    if "cpp" in ops.available_backends("posterior_step", torch.zeros(1)):
+        assert "CUDA graph" in ops.why_no_device_seed("cpp", cuda)
+    if ops.why_unavailable("posterior_step", "triton", torch.zeros(1)) is None:
+        assert ops.why_no_device_seed("triton", cuda) is None
 
 
 # --------------------------------------------------------------------------- posterior_step
-
-STEP = dict(sqrt_recip_gamma=1.7, sqrt_recipm1_gamma=1.37, coef1=0.21, coef2=0.83, sigma=0.12)
-
 
 @pytest.mark.parametrize("backend", ops.OP_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -30,11 +30,18 @@ def test_oracle_denoiser_recovers_y0(schedule_name, config_name):
     config = CONFIGS[config_name]
     g = torch.Generator().manual_seed(5)
     y0 = torch.rand(2, 3, 9, 7, generator=g) * 1.8 - 0.9
-    y_T = torch.randn(y0.shape, generator=g)
-    sampler = sr3.SAMPLERS[config.name]
-    out = sampler(oracle_denoiser(y0), torch.zeros_like(y0), y_T, SCHEDULES[schedule_name](), config=config,
-                  generator=torch.Generator().manual_seed(1))
+    out = sr3.sample(oracle_denoiser(y0), torch.zeros_like(y0), SCHEDULES[schedule_name](), config,
+                     generator=torch.Generator().manual_seed(1))
     assert (out - y0).abs().max().item() < 1e-3
+
+
+def test_every_registered_sampler_is_a_planner_of_the_schedule():
+    schedule = sr3.NoiseSchedule.linear(12, 1e-3, 0.2)
+    for name, planner in sr3.SAMPLERS.items():
+        plan = planner(schedule, sr3.SamplerConfig(name))
+        assert plan.num_steps == 12 and np.array_equal(plan.timesteps, np.arange(12, 0, -1)), name
+    with pytest.raises(ValueError, match="must be one of \\('ancestral', 'ddim'\\)"):
+        sr3.SamplerConfig("euler")
 
 
 def test_ancestral_plan_is_the_reversed_posterior():
@@ -74,10 +81,11 @@ def test_deterministic_ddim_ignores_the_generator(tiny_model):
     schedule = sr3.NoiseSchedule.linear(6, 1e-3, 0.2)
     x = torch.rand(1, 3, 8, 8) * 2 - 1
     y_T = torch.randn(1, 3, 8, 8)
+    ddim, ancestral = (sr3.make_plan(schedule, sr3.SamplerConfig(name)) for name in ("ddim", "ancestral"))
     with torch.no_grad():
-        a = sr3.ddim(tiny_model, x, y_T, schedule, generator=torch.Generator().manual_seed(1))
-        b = sr3.ddim(tiny_model, x, y_T, schedule, generator=torch.Generator().manual_seed(2))
-        c = sr3.ancestral(tiny_model, x, y_T, schedule, generator=torch.Generator().manual_seed(2))
+        a = run_plan(tiny_model, x, y_T, ddim, generator=torch.Generator().manual_seed(1))
+        b = run_plan(tiny_model, x, y_T, ddim, generator=torch.Generator().manual_seed(2))
+        c = run_plan(tiny_model, x, y_T, ancestral, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, c)
 
@@ -85,9 +93,23 @@ def test_deterministic_ddim_ignores_the_generator(tiny_model):
 def test_callback_sees_every_step():
     seen = []
     y0 = torch.zeros(1, 3, 2, 2)
-    sr3.ancestral(oracle_denoiser(y0), y0, torch.randn(1, 3, 2, 2), sr3.NoiseSchedule.linear(7, 1e-3, 0.2),
-                  callback=lambda i, total, y: seen.append((i, total, tuple(y.shape))))
+    sr3.sample(oracle_denoiser(y0), y0, sr3.NoiseSchedule.linear(7, 1e-3, 0.2),
+               callback=lambda i, total, y: seen.append((i, total, tuple(y.shape))))
     assert seen == [(i, 7, (1, 3, 2, 2)) for i in range(7)]
+
+
+@pytest.mark.parametrize("name", ["ancestral", "ddim"])
+def test_the_public_sample_honours_strength(name):
+    # The warm start runs the last 5 of 20 steps from the condition diffused by q(y_t | y_0):
+    # with the condition equal to y0 and an oracle, every step sees a state on y0's trajectory.
+    g = torch.Generator().manual_seed(3)
+    y0 = torch.rand(1, 3, 5, 5, generator=g) * 1.8 - 0.9
+    seen = []
+    out = sr3.sample(oracle_denoiser(y0), y0, sr3.NoiseSchedule.linear(20, 1e-4, 0.1),
+                     sr3.SamplerConfig(name, strength=0.25), generator=torch.Generator().manual_seed(0),
+                     callback=lambda i, total, y: seen.append(total))
+    assert seen == [5] * 5
+    assert (out - y0).abs().max().item() < 1e-3
 
 
 def test_a_non_finite_output_names_the_step():

@@ -14,8 +14,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import sr3_engine as sr3
-from sr3_engine import checkpoint, data, train
-from sr3_engine.trainer import KILL_AFTER_SAVE_ENV
+from sr3_engine.cli import train
+from sr3_engine.training import checkpoint, data
+from sr3_engine.training.trainer import KILL_AFTER_SAVE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", "tiny", "--scale", "4", "--hr-size", "32", "--batch-size", "2", "--log-every", "1",
@@ -167,14 +168,14 @@ def test_bad_arguments_give_one_line_and_exit_code_2(images, tmp_path, capsys, m
     args = [*TINY, *make_args(tmp_path, images), "--out", str(tmp_path / "out"), "--steps", "1"]
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("sr3_engine.train: error: ") and message in err[-1]
+    assert err[-1].startswith("error: ") and message in err[-1]
     assert not (tmp_path / "out" / checkpoint.STATE_FILE).exists()
 
 
 def test_the_command_line_exits_with_code_2(tmp_path):
     result = _cli(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--config", "tiny"])
     assert result.returncode == 2
-    assert result.stderr.strip() == f"sr3_engine.train: error: {tmp_path / 'missing'}: not a directory"
+    assert result.stderr.strip() == f"error: {tmp_path / 'missing'}: not a directory"
 
 
 def test_ranks_split_every_step_and_each_epoch_visits_every_image():
@@ -218,14 +219,3 @@ def test_gaussian_blur_keeps_constant_images_and_mass():
     spike[..., 10, 10] = 1.0
     blurred = data.gaussian_blur(spike, 1.0)
     assert blurred.sum().item() == pytest.approx(1.0, abs=1e-6) and blurred.max().item() < 0.2
-
-
-def test_a_swap_cut_short_by_a_kill_leaves_the_previous_model(tmp_path):
-    target = tmp_path / "model"
-    retired = tmp_path / ".model.1-3.old"
-    retired.mkdir()
-    (retired / "config.json").write_text("{}")
-    (tmp_path / ".model.1-6.tmp").mkdir()
-    checkpoint.recover_model_dir(target)
-    assert (target / "config.json").read_text() == "{}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -2,14 +2,14 @@
 
 A training run's output directory holds:
 
-    model/        the EMA weights as a pretrained directory (SR3Engine.from_pretrained)
+    model/        the EMA weights as a model directory (runtime/model_dir.py)
     state.pt      everything needed to continue the run (weights, EMA, optimiser, LR
                   schedule, AMP scaler, step, data position, arguments)
     log.jsonl     one JSON object per logged step, validation and checkpoint
 
-state.pt is written to a temporary file, flushed to disk and renamed. model/ is written
-into a hidden sibling directory and swapped in with two renames; a run killed between
-them leaves the previous model/ under a hidden name that `recover_model_dir` puts back.
+state.pt is written to a temporary file, flushed to disk and renamed. model/ is replaced
+whole by `model_dir.replace` (a hidden sibling swapped in with two renames; a run killed
+between them leaves the previous model/ under a hidden name that `model_dir.recover` puts back).
 state.pt is written after model/, so whenever a state exists a model at least as new
 does too. Training state holds only tensors and plain values, so it loads with
 `torch.load(weights_only=True)`: nothing is unpickled.
@@ -20,14 +20,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .engine import SR3Engine
-from .io import atomic_path
+from ..io import atomic_path
 
 STATE_FILE = "state.pt"
 MODEL_DIR = "model"
@@ -72,34 +70,6 @@ def load_state(path: Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path}: missing entries {missing}")
     return state
-
-
-def save_model_dir(engine: SR3Engine, target: Path, tag: str) -> None:
-    """engine.save_pretrained into `target`, never leaving a half-written `target`."""
-    staging = target.with_name(f".{target.name}.{tag}.tmp")
-    retired = target.with_name(f".{target.name}.{tag}.old")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        engine.save_pretrained(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.exists():
-        os.replace(target, retired)
-    os.replace(staging, target)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def recover_model_dir(target: Path) -> None:
-    """Undo what a run killed inside save_model_dir left: put a retired model back if the
-    new one never arrived, and delete staging leftovers."""
-    leftovers = sorted(target.parent.glob(f".{target.name}.*"), key=lambda p: p.stat().st_mtime)
-    retired = [p for p in leftovers if p.name.endswith(".old")]
-    if not target.exists() and retired:
-        os.replace(retired[-1], target)
-    for path in leftovers:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def truncate_log(path: Path, step: int) -> None:

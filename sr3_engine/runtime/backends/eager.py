@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..samplers import SamplingPlan, StepCallback, run_plan
-from ..unet import set_op_backend
+from ...samplers import SamplingPlan, StepCallback, run_plan
+from ...unet import set_op_backend
 
 
 class EagerBackend:

@@ -9,7 +9,12 @@ held in a device tensor, so replays with a new seed need no re-capture and no no
 exists; the seed comes from the caller's generator, so the same generator seed gives the
 same image. `in_kernel_noise=False` instead draws the noise of every step from the
 generator as the eager backend does (same numbers, more memory), for parity checks.
-At most `max_graphs` graphs are kept, least recently used first out.
+At most `max_graphs` graphs are kept, least recently used first out. The captured loop is
+`samplers.run_steps`, the eager loop itself, traced once; every tensor a replay reads or
+writes (inputs, per-step noise levels, seed, noise, flags, output) is owned by the
+`_CapturedLoop` that holds the graph, so nothing it reads can be freed and reused.
+Only an op backend whose posterior step reads a device seed (`triton`) can serve the
+in-kernel noise of a captured loop; another one is refused at construction with the reason.
 
 On the CPU there are no graphs: the model runs channels_last on whatever fused ops exist
 there (the C++ extension when built), and the backend says so once.
@@ -18,28 +23,35 @@ there (the C++ extension when built), and the backend says so once.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import logging
 
 import torch
 import torch.nn as nn
 
-from .. import ops
-from ..diffusion import generator_device, randn
-from ..samplers import SamplingPlan, StepCallback, raise_if_nonfinite, run_plan
-from ..unet import set_op_backend
+from ... import ops
+from ...diffusion import generator_device, randn
+from ...samplers import (GivenNoise, SamplingPlan, SeededNoise, StepCallback, level_tensors, raise_if_nonfinite,
+                         run_plan, run_steps)
+from ...unet import set_op_backend
 from .base import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class _CapturedLoop:
-    """A captured sampling loop and its static buffers."""
+    """A captured sampling loop and every buffer its replays read or write."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, x_up: torch.Tensor, y: torch.Tensor, seed: torch.Tensor,
-                 noise: torch.Tensor | None, out: torch.Tensor, nonfinite: torch.Tensor):
-        self.graph, self.x_up, self.y, self.seed = graph, x_up, y, seed
-        self.noise, self.out, self.nonfinite = noise, out, nonfinite
+    graph: torch.cuda.CUDAGraph
+    x_up: torch.Tensor
+    y: torch.Tensor
+    levels: list[torch.Tensor]
+    seed: torch.Tensor
+    noise: torch.Tensor | None
+    nonfinite: torch.Tensor
+    out: torch.Tensor
 
 
 class FusedBackend:
@@ -51,14 +63,20 @@ class FusedBackend:
             raise ValueError(f"fused backend: max_graphs must be positive; got {max_graphs}")
         self.device, self.dtype = device, dtype
         self.max_graphs, self.in_kernel_noise = max_graphs, in_kernel_noise
-        probe = torch.empty(1, 8, 1, 1, device=device, dtype=dtype)
         if device.type == "cuda":
             self.op_backend = "triton" if op_backend == "auto" else op_backend
+            reason = ops.why_no_device_seed(self.op_backend, device) if in_kernel_noise else None
+            if reason is not None:
+                raise BackendUnavailableError(f"engine backend 'fused' cannot capture op backend "
+                                              f"{self.op_backend!r} with in-kernel noise: {reason} (or pass "
+                                              "backend_options={'in_kernel_noise': False})")
+            probe = torch.empty(1, 8, 1, 1, device=device, dtype=dtype)
             for op in ("group_norm_silu", "posterior_step"):
                 reason = ops.why_unavailable(op, self.op_backend, probe)
                 if reason is not None:
                     raise BackendUnavailableError(f"engine backend 'fused' needs {op} on {self.op_backend}: {reason}")
         else:
+            probe = torch.empty(1, 8, 1, 1, device=device, dtype=dtype)
             self.op_backend = op_backend
             logger.warning("engine backend 'fused' on %s: no CUDA graphs; GroupNorm+SiLU runs on %s, the posterior "
                            "step on %s", device.type, ops.resolve_backend("group_norm_silu", op_backend, probe),
@@ -71,12 +89,15 @@ class FusedBackend:
     def cached_graphs(self) -> int:
         return len(self._graphs)
 
+    def denoise(self, x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+        return self.model(x_up, y_t.contiguous(memory_format=torch.channels_last), noise_level)
+
     def run(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,
             generator: torch.Generator | None, callback: StepCallback | None) -> torch.Tensor:
         x_up = x_up.to(self.dtype).contiguous(memory_format=torch.channels_last)
         if self.device.type != "cuda":
             with torch.inference_mode():
-                return run_plan(self.model, x_up, y_T, plan, generator=generator, callback=callback,
+                return run_plan(self.denoise, x_up, y_T, plan, generator=generator, callback=callback,
                                 backend=self.op_backend)
         loop = self._loop_for(x_up, plan)
         loop.x_up.copy_(x_up)
@@ -87,7 +108,8 @@ class FusedBackend:
             for i in range(plan.num_steps):
                 if plan.sigma[i] != 0.0:
                     loop.noise[i].copy_(randn(tuple(y_T.shape), generator, self.device))
-        loop.graph.replay()
+        with torch.cuda.device(self.device):
+            loop.graph.replay()
         raise_if_nonfinite(loop.nonfinite, plan)
         y0 = loop.out.clone()
         if callback is not None:
@@ -109,42 +131,32 @@ class FusedBackend:
         return loop
 
     def _capture(self, x_up: torch.Tensor, plan: SamplingPlan) -> _CapturedLoop:
-        shape = (x_up.shape[0], x_up.shape[1], x_up.shape[2], x_up.shape[3])
-        static_x = torch.zeros_like(x_up)
-        static_y = torch.zeros(shape, device=self.device, dtype=torch.float32)
-        seed = torch.zeros((), device=self.device, dtype=torch.int64)
-        noise = None if self.in_kernel_noise else torch.zeros((plan.num_steps, *shape), device=self.device)
-        nonfinite = torch.zeros(plan.num_steps, device=self.device, dtype=torch.bool)
-        levels = torch.tensor(plan.noise_level, device=self.device, dtype=torch.float32)[:, None].expand(-1, shape[0])
-        levels = levels.contiguous()
+        shape = tuple(x_up.shape)
+        with torch.cuda.device(self.device):
+            static_x = torch.zeros_like(x_up)
+            static_y = torch.zeros(shape, device=self.device, dtype=torch.float32)
+            levels = level_tensors(plan, shape[0], self.device)
+            seed = torch.zeros((), device=self.device, dtype=torch.int64)
+            noise_buffer = None if self.in_kernel_noise else torch.zeros((plan.num_steps, *shape), device=self.device)
+            noise = SeededNoise(seed) if noise_buffer is None else GivenNoise(noise_buffer)
+            nonfinite = torch.zeros(plan.num_steps, device=self.device, dtype=torch.bool)
 
-        def loop(steps: range) -> torch.Tensor:
-            y = static_y
-            for i in steps:
-                eps = self.model(static_x, y.to(self.dtype).contiguous(memory_format=torch.channels_last), levels[i])
-                if plan.sigma[i] == 0.0:
-                    noise_kwargs = {}
-                elif noise is not None:
-                    noise_kwargs = {"noise": noise[i]}
-                else:
-                    noise_kwargs = {"seed": seed, "step": i}
-                y = ops.posterior_step(y, eps, clip=plan.clip, backend=self.op_backend, **noise_kwargs,
-                                       **plan.step_kwargs(i))
-                nonfinite[i] = ~torch.isfinite(y).all()
-            return y
+            def loop(steps) -> torch.Tensor:
+                return run_steps(self.denoise, static_x, static_y, plan, noise=noise, nonfinite=nonfinite,
+                                 levels=levels, steps=steps, backend=self.op_backend)
 
-        with torch.no_grad():
-            # Warm-up off the capture stream compiles every kernel the loop uses (the first
-            # step draws noise, the last does not) so that capture records launches only.
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                loop(sorted({0, plan.num_steps - 1}))
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = loop(range(plan.num_steps))
-        return _CapturedLoop(graph, static_x, static_y, seed, noise, out, nonfinite)
+            with torch.no_grad():
+                # Warm-up off the capture stream compiles every kernel the loop uses (the first
+                # step draws noise, the last does not) so that capture records launches only.
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    loop(sorted({0, plan.num_steps - 1}))
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device)):
+                    out = loop(range(plan.num_steps))
+        return _CapturedLoop(graph, static_x, static_y, levels, seed, noise_buffer, nonfinite, out)
 
 
 def _plan_digest(plan: SamplingPlan) -> str:

@@ -10,7 +10,8 @@ Images are decoded with `io.load_image` (8-bit RGB, upright per EXIF, decompress
 guard). Pairs are built the way SR3Engine.sample sees its input at inference: the HR crop is
 downsampled with `resize.downsample` (antialiased bicubic), optionally blurred (the
 paper's conditioning augmentation for cascades), rounded to 8-bit levels (real low-res
-inputs are 8-bit images), and upsampled back with `resize.upsample`.
+inputs are 8-bit images), and turned into the condition by `diffusion.condition`, the
+function the engine uses.
 Images smaller than the crop are skipped with a warning rather than upscaled: an
 upscaled image is already blurry, and training on it teaches the model that blurry HR
 targets are correct.
@@ -31,8 +32,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import resize
-from .io import DEFAULT_MAX_PIXELS, INPUT_EXTENSIONS, INPUT_FORMATS, ImageError, load_image, pil_to_tensor
+from .. import resize
+from ..diffusion import condition
+from ..io import DEFAULT_MAX_PIXELS, INPUT_EXTENSIONS, INPUT_FORMATS, ImageError, load_image, pil_to_tensor
 
 EXIF_ORIENTATION = 0x0112
 # EXIF orientations that rotate by 90 degrees, swapping width and height.
@@ -150,11 +152,6 @@ def make_lr(hr: torch.Tensor, scale: int, blur_sigma: float = 0.0) -> torch.Tens
     if blur_sigma > 0.0:
         lr = gaussian_blur(lr, blur_sigma)
     return (lr.clamp(0.0, 1.0) * 255.0).round() / 255.0
-
-
-def condition(lr: torch.Tensor, scale: int) -> torch.Tensor:
-    """x_up in [-1, 1] exactly as SR3Engine.sample builds it from a low-res input in [0, 1]."""
-    return resize.upsample(lr * 2.0 - 1.0, scale).clamp(-1.0, 1.0)
 
 
 class CropDataset(Dataset):

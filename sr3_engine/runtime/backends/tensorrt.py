@@ -31,14 +31,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import copy
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..io import atomic_path
-from ..samplers import SamplingPlan, StepCallback, run_plan
+from ...io import atomic_path
+from ...samplers import SamplingPlan, StepCallback, run_plan
+from ..onnx_export import export_onnx
 from .base import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -148,11 +150,10 @@ class TensorRTBackend:
         self.device, self.dtype, self.op_backend = device, dtype, op_backend
         self.shapes = (tuple(min_shape), tuple(opt_shape), tuple(max_shape))
         if onnx_path is None:
-            from ..export import export_onnx
-
-            # Exported in float32: the builder flags choose the precision layer by layer.
+            # A copy is exported, in float32: the builder flags choose the precision layer by layer.
             with tempfile.TemporaryDirectory(prefix="sr3_trt_") as tmp:
-                onnx_bytes = export_onnx(model.to("cpu", torch.float32), Path(tmp) / "denoiser.onnx").read_bytes()
+                copy_fp32 = copy.deepcopy(model).to("cpu", torch.float32)
+                onnx_bytes = export_onnx(copy_fp32, Path(tmp) / "denoiser.onnx").read_bytes()
         else:
             onnx_bytes = Path(onnx_path).read_bytes()
         cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR

@@ -4,7 +4,7 @@ from typing import Protocol
 
 import torch
 
-from ..samplers import SamplingPlan, StepCallback
+from ...samplers import SamplingPlan, StepCallback
 
 
 class BackendUnavailableError(RuntimeError):

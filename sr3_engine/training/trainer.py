@@ -31,14 +31,15 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .. import metrics
+from ..config import UNetConfig
+from ..diffusion import condition, diffusion_loss, output_image
+from ..runtime import model_dir
+from ..samplers import SamplerConfig, sample
+from ..schedules import NoiseSchedule
+from ..unet import SR3UNet
 from . import checkpoint as ckpt
-from . import metrics
-from .config import UNetConfig
 from .data import CropDataset, StreamBatchSampler, derive_seed, make_loader, make_lr
-from .diffusion import diffusion_loss
-from .engine import SR3Engine
-from .schedules import NoiseSchedule
-from .unet import SR3UNet
 
 # A test hook: the process SIGKILLs itself right after its Nth checkpoint, so a test can
 # "crash" at an exact, known point.
@@ -200,17 +201,21 @@ def mean_over_ranks(value: torch.Tensor, procs: Processes) -> float:
     return float(value)
 
 
-def engine_for(run: Run) -> SR3Engine:
-    # The EMA model already lives on the device in float32, so the engine uses it in place.
-    return SR3Engine(run.ema, schedule=run.inference_schedule, scale=run.args.scale, device=run.procs.device,
-                     progress=False)
+def model_spec(run: Run) -> model_dir.ModelSpec:
+    """What the saved model directory says: the inference schedule and the default sampler."""
+    return model_dir.ModelSpec(run.config, run.inference_schedule.config, SamplerConfig(), run.args.scale)
 
 
 def validate(run: Run, hr: torch.Tensor) -> dict[str, float]:
-    """Sample the validation crops with the EMA weights and a fixed seed; mean metrics."""
-    lr = make_lr(hr, run.args.scale)
+    """Sample the validation crops with the EMA weights, the saved model's schedule and sampler
+    and a fixed seed; mean metrics."""
+    scale = run.args.scale
+    lr = make_lr(hr, scale)
     generator = torch.Generator().manual_seed(derive_seed(run.args.seed, "validation"))
-    sr = engine_for(run).sample(lr, generator=generator)
+    x_up = condition(lr.to(run.procs.device), scale, run.config.size_multiple)
+    with torch.inference_mode():
+        y0 = sample(run.ema, x_up, run.inference_schedule, model_spec(run).sampler, generator=generator)
+    sr = output_image(y0[..., :hr.shape[-2], :hr.shape[-1]]).to(hr.device)
     return {"psnr": float(metrics.psnr(sr, hr).mean()), "ssim": float(metrics.ssim(sr, hr).mean()),
             "consistency": float(metrics.consistency(sr, lr, run.args.scale).mean())}
 
@@ -223,7 +228,7 @@ def save_checkpoint(run: Run, log: ckpt.JsonlLog | None) -> None:
         if bad:
             raise RuntimeError(f"{run.out}: not saving step {run.step}: parameter {bad[0]} is not finite")
         tag = f"{os.getpid()}-{run.step}"
-        ckpt.save_model_dir(engine_for(run), run.out / ckpt.MODEL_DIR, tag)
+        model_dir.replace(run.out / ckpt.MODEL_DIR, run.ema.state_dict(), model_spec(run), tag=tag)
         ckpt.save_state(run.out / ckpt.STATE_FILE, training_state(run))
         if log is not None:
             log.write({"type": "checkpoint", "step": run.step, "time": time.time()})

@@ -1,4 +1,6 @@
-"""`python -m sr3_engine upscale IN... -o OUTDIR --model DIR`: super-resolve files and folders.
+"""Super-resolve image files and folders to PNGs.
+
+    python -m sr3_engine upscale IN... -o OUTDIR --model DIR
 
 Built for unattended runs over folders of user images: a bad input costs one line on
 stderr (`error: <path>: <reason>`) and never the run, every output is written to a
@@ -34,23 +36,18 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .backends import ENGINE_BACKENDS, BackendUnavailableError
-from .config import SAMPLERS
-from .engine import SR3Engine
-from .io import DEFAULT_MAX_PIXELS, ImageError, collect_inputs, load_image, output_names, save_png
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class UsageError(Exception):
-    """The command as given cannot run at all; the message is one line."""
+from ..io import DEFAULT_MAX_PIXELS, ImageError, collect_inputs, load_image, one_line, output_names, save_png
+from ..runtime.backends import ENGINE_BACKENDS, BackendUnavailableError
+from ..runtime.engine import SR3Engine
+from ..samplers import SAMPLERS, SamplerConfig
+from .common import (DTYPES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, add_device_argument, add_dtype_argument,
+                     parse_device, positive_int, print_error)
 
 
 class Job(NamedTuple):
@@ -68,53 +65,37 @@ class Tally:
     failed: int = 0
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
-    return value
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("upscale", help="super-resolve image files and folders to PNGs",
-                                   description="Super-resolve images with an SR3 model; one PNG per input.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sr3_engine upscale",
+                                     description="Super-resolve images with an SR3 model; one PNG per input.")
     parser.add_argument("inputs", nargs="+", metavar="IN", help="image files and folders (searched recursively)")
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR", help="output folder")
     parser.add_argument("--model", required=True, help="model directory or bundled model name")
     parser.add_argument("--steps", type=positive_int, help="sampling steps (default: the model's schedule)")
-    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the model's sampler")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), help="default: the model's sampler")
     parser.add_argument("--strength", type=float, help="fraction of the schedule run from the diffused input "
                         "(1 = from pure noise); default: the model's")
     parser.add_argument("--backend", choices=ENGINE_BACKENDS, default="eager", help="engine backend")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images of one size sampled together")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (see the module docs)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model precision")
+    add_device_argument(parser, default="cpu")
+    add_dtype_argument(parser)
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help=f"reject inputs with more pixels (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--distributed", action="store_true", help="shard inputs over torchrun processes")
-    parser.set_defaults(run=run)
+    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        device = resolve_device(args.device)
+        device = parse_device(args.device)
         with process_group(args.distributed, device) as (rank, world_size, local_rank):
             return upscale_all(args, _local_device(device, local_rank, args.distributed), rank, world_size)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error(str(error))
         return EXIT_USAGE
-
-
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available in this torch build or machine")
-    return device
 
 
 def _local_device(device: torch.device, local_rank: int, distributed: bool) -> torch.device:
@@ -151,6 +132,7 @@ def upscale_all(args: argparse.Namespace, device: torch.device, rank: int, world
     jobs = plan_jobs(args.inputs, args.output)[rank::world_size]
     show_progress = not args.no_progress and rank == 0 and sys.stderr.isatty()
     engine = load_engine(args, device, show_progress)
+    sampler = sampler_config(engine, args)
     make_output_folder(args.output)
     announce_renames(jobs)
     tally = Tally()
@@ -161,7 +143,7 @@ def upscale_all(args: argparse.Namespace, device: torch.device, rank: int, world
             bar.update(1)
 
         for batch in batches(validate(jobs, args.max_pixels, fail), args.batch_size):
-            written = upscale_batch(engine, batch, args, fail)
+            written = upscale_batch(engine, sampler, batch, args, fail)
             tally.written += written
             bar.update(written)
     written, failed = sum_across_ranks(tally, device, args.distributed)
@@ -202,23 +184,24 @@ def load_engine(args: argparse.Namespace, device: torch.device, show_progress: b
     except BackendUnavailableError as error:
         raise UsageError(f"--backend {args.backend}: {error}") from None
     except (OSError, ValueError) as error:
-        raise UsageError(_one_line(error)) from None
+        raise UsageError(one_line(error)) from None
     # load_state_dict reports weights that do not fit the config as a multi-line RuntimeError.
     except (RuntimeError, TypeError) as error:
-        raise UsageError(f"{args.model}: cannot load the model ({_one_line(error)})") from None
+        raise UsageError(f"{args.model}: cannot load the model ({one_line(error)})") from None
     if args.steps is not None:
         try:
-            engine.schedule.respaced(args.steps)
+            engine.schedule_for(args.steps)
         except ValueError as error:
             raise UsageError(f"--steps {args.steps}: {error}") from None
-    if args.sampler is not None:
-        engine.sampler = dataclasses.replace(engine.sampler, name=args.sampler)
-    if args.strength is not None:
-        try:
-            engine.sampler = dataclasses.replace(engine.sampler, strength=args.strength)
-        except ValueError as error:
-            raise UsageError(f"--strength: {error}") from None
     return engine
+
+
+def sampler_config(engine: SR3Engine, args: argparse.Namespace) -> SamplerConfig:
+    """The model's sampler with --sampler and --strength applied."""
+    try:
+        return engine.sampler_config(args.sampler, strength=args.strength)
+    except ValueError as error:
+        raise UsageError(f"--strength: {error}") from None
 
 
 def validate(jobs: list[Job], max_pixels: int, fail: Fail) -> Groups:
@@ -241,7 +224,8 @@ def batches(groups: Groups, batch_size: int) -> Iterator[list[Job]]:
             yield jobs[start:start + batch_size]
 
 
-def upscale_batch(engine: SR3Engine, batch: list[Job], args: argparse.Namespace, fail: Fail) -> int:
+def upscale_batch(engine: SR3Engine, sampler: SamplerConfig, batch: list[Job], args: argparse.Namespace,
+                  fail: Fail) -> int:
     """Sample one batch and write its PNGs; returns how many were written."""
     loaded: list[tuple[Job, Image.Image]] = []
     for job in batch:
@@ -254,17 +238,17 @@ def upscale_batch(engine: SR3Engine, batch: list[Job], args: argparse.Namespace,
     generator = torch.Generator().manual_seed(batch_seed(args.seed, loaded[0][0].output.name))
     try:
         outputs = engine.upscale([image for _, image in loaded], generator=generator, steps=args.steps,
-                                 batch_size=len(loaded))
+                                 sampler=sampler, batch_size=len(loaded))
     except (FloatingPointError, RuntimeError, ValueError) as error:
         for job, _ in loaded:
-            fail(job, f"sampling failed ({_one_line(error)})")
+            fail(job, f"sampling failed ({one_line(error)})")
         return 0
     written = 0
     for (job, _), output in zip(loaded, outputs):
         try:
             save_png(output, job.output)
         except OSError as error:
-            fail(job, f"cannot write {job.output} ({error.strerror or _one_line(error)})")
+            fail(job, f"cannot write {job.output} ({error.strerror or one_line(error)})")
             continue
         written += 1
     return written
@@ -284,7 +268,3 @@ def sum_across_ranks(tally: Tally, device: torch.device, distributed: bool) -> t
     counts = torch.tensor([tally.written, tally.failed], dtype=torch.int64, device=device)
     dist.all_reduce(counts)
     return int(counts[0]), int(counts[1])
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

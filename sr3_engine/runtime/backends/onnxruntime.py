@@ -3,9 +3,10 @@
 Only `(x_up, y_t, noise_level) -> eps` runs in onnxruntime; the plan, the noise (drawn
 from the caller's generator exactly as `eager` draws it) and the posterior step stay in
 PyTorch, so an onnxruntime sample equals the eager one for the same seed up to the
-graph's rounding. The model is exported on creation (into a temporary directory kept for
-the backend's life), or `options["onnx_path"]` names a file written by
-`python -m sr3_engine.export` and is loaded as it is.
+graph's rounding. A copy of the model is exported on creation (into a temporary directory
+kept for the backend's life; the caller's module is not moved or cast), or
+`options["onnx_path"]` names a file written by `python -m sr3_engine export` and is loaded
+as it is.
 
 Providers are chosen explicitly, never by onnxruntime's fallback: CPUExecutionProvider on
 the CPU; on CUDA, CUDAExecutionProvider or BackendUnavailableError. On CUDA the inputs and
@@ -17,6 +18,7 @@ numpy element types, which have no bfloat16.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -24,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..samplers import SamplingPlan, StepCallback, run_plan
+from ...samplers import SamplingPlan, StepCallback, run_plan
+from ..onnx_export import DEFAULT_OPSET, ExportError, export_onnx
 from .base import BackendUnavailableError
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
@@ -53,12 +56,10 @@ class OnnxRuntimeBackend:
         providers = self._providers(ort, device)
         self._tmpdir = None
         if onnx_path is None:
-            from ..export import DEFAULT_OPSET, ExportError, export_onnx
-
             self._tmpdir = tempfile.TemporaryDirectory(prefix="sr3_onnx_")
             onnx_path = str(Path(self._tmpdir.name) / "denoiser.onnx")
             try:
-                export_onnx(model.to("cpu", dtype), onnx_path, opset=opset or DEFAULT_OPSET)
+                export_onnx(copy.deepcopy(model).to("cpu", dtype), onnx_path, opset=opset or DEFAULT_OPSET)
             except ExportError as error:
                 raise BackendUnavailableError(f"engine backend 'onnxruntime': {error}") from None
         elif opset is not None:

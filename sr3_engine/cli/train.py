@@ -1,0 +1,233 @@
+"""Train SR3 on a folder of images, alone or under torchrun.
+
+    python -m sr3_engine train --data imgs/ --out runs/a --config sr3-16-128 --scale 8 --hr-size 128
+    torchrun --nproc_per_node 8 -m sr3_engine train --data imgs/ --out runs/a ...
+    python -m sr3_engine train --out runs/a --resume        # continue after a crash or a kill
+
+A resumed run ends with the same weights, bit for bit, as one that never stopped (on CPU,
+or on CUDA with --deterministic); training/trainer.py says why. --resume takes every setting from
+the saved run; only flags that do not change what is computed (length, cadence, data
+location, device, workers) may be given again with new values.
+
+The saved model holds the EMA weights with the short inference schedule (--sample-*):
+the network is conditioned on the noise level, not the step, so it samples well with far
+fewer steps than the training schedule has. training/checkpoint.py describes the output folder.
+Bad arguments or data end with one line `error: ...` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .. import metrics
+from ..config import NAMED_UNET_CONFIGS, SCHEDULE_KINDS, ScheduleConfig, UNetConfig
+from ..runtime import model_dir
+from ..schedules import NoiseSchedule
+from ..training import checkpoint as ckpt
+from ..training.data import DataError, fingerprint, load_centre_crops, print_warning, usable_images
+from ..training.trainer import AMP_DTYPES, Run, build_run, finish, start_processes, train_loop
+from .common import EXIT_OK, EXIT_USAGE, UsageError, parse_device, print_error
+
+# Flags that define the run: resuming with a different value would be another run.
+RUN_DEFINING = ("config", "scale", "hr_size", "batch_size", "lr", "weight_decay", "warmup_steps", "ema_decay",
+                "loss", "seed", "grad_clip", "blur_sigma", "schedule", "schedule_steps", "beta_start",
+                "beta_end", "sample_steps", "sample_beta_start", "sample_beta_end")
+
+
+def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
+    """The CLI. Without defaults, parsing yields only the flags given explicitly (for --resume)."""
+    parser = argparse.ArgumentParser(prog="python -m sr3_engine train",
+                                     description="Train SR3 on a folder of images, alone or under torchrun.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     argument_default=None if with_defaults else argparse.SUPPRESS)
+
+    def add(flag: str, default: Any = None, **kwargs: Any) -> None:
+        if with_defaults:
+            kwargs["default"] = default
+        parser.add_argument(flag, **kwargs)
+
+    add("--data", help="folder of training images, searched recursively")
+    add("--val-data", help="folder of validation images (centre crops); omit to skip validation")
+    add("--out", required=with_defaults, help="output folder: model/, state.pt, log.jsonl")
+    add("--config", "sr3-16-128", help=f"U-Net: a named config ({', '.join(NAMED_UNET_CONFIGS)}) or a JSON file")
+    add("--scale", 8, type=int, help="super-resolution factor")
+    add("--hr-size", 128, type=int, help="side of the square HR training crops; smaller images are skipped")
+    add("--steps", 1_000_000, type=int, help="total optimiser steps of the run")
+    add("--batch-size", 16, type=int, help="images per step per process")
+    add("--lr", 1e-4, type=float, help="AdamW learning rate after warm-up")
+    add("--weight-decay", 0.0, type=float, help="AdamW decoupled weight decay")
+    add("--warmup-steps", 10_000, type=int, help="linear learning-rate warm-up steps")
+    add("--ema-decay", 0.9999, type=float, help="EMA decay (ramped up as min(decay, (1+s)/(10+s)))")
+    add("--loss", "l1", choices=("l1", "l2"), help="norm p of eq. 6")
+    add("--grad-clip", 1.0, type=float, help="max global gradient norm; 0 disables clipping")
+    add("--blur-sigma", 0.0, type=float, help="max sigma of a random Gaussian blur of the LR input; 0 = off")
+    add("--seed", 0, type=int, help="seeds every random choice of the run")
+    add("--amp", "auto", choices=("auto", "none", "bf16", "fp16"), help="CUDA autocast (auto: bf16 on CUDA)")
+    add("--device", "auto", help="cpu, cuda, cuda:N (auto: cuda when available; torchrun: cuda:LOCAL_RANK)")
+    add("--num-workers", None, type=int, help="DataLoader workers per process (default: 0 on CPU, up to 4 on CUDA)")
+    add("--save-every", 5000, type=int, help="checkpoint every N steps (and at the end); 0 = only at the end")
+    add("--val-every", 5000, type=int, help="validate every N steps (and at the end); 0 = only at the end")
+    add("--val-count", 4, type=int, help="validation images to sample")
+    add("--log-every", 50, type=int, help="write a log record every N steps")
+    add("--schedule", "linear", choices=SCHEDULE_KINDS, help="training noise schedule")
+    add("--schedule-steps", 2000, type=int, help="training schedule length T")
+    add("--beta-start", 1e-6, type=float, help="training schedule first beta")
+    add("--beta-end", 1e-2, type=float, help="training schedule last beta")
+    add("--sample-steps", 100, type=int, help="steps of the linear inference schedule saved with the model")
+    add("--sample-beta-start", 1e-4, type=float, help="inference schedule first beta")
+    add("--sample-beta-end", 0.1, type=float, help="inference schedule last beta")
+    add("--deterministic", False, action="store_true",
+        help="deterministic CUDA kernels where PyTorch has them (exact resume on GPU)")
+    add("--resume", False, action="store_true", help="continue the run in --out from state.pt")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
+    """The parsed arguments and the names of the flags given explicitly."""
+    args = build_parser().parse_args(argv)
+    explicit = set(vars(build_parser(with_defaults=False).parse_args(argv)))
+    return args, explicit
+
+
+def resume_args(saved: dict[str, Any], given: argparse.Namespace, explicit: set[str], path: Path) -> argparse.Namespace:
+    """The saved run's arguments, with the explicitly given flags that may change (length,
+    cadence, data location, device) applied on top."""
+    values = vars(given)
+    changed = sorted(name for name in explicit & set(RUN_DEFINING) if values[name] != saved.get(name))
+    if changed:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
+        raise UsageError(f"{path}: {flags} differ from the saved run; resuming continues that run as it was")
+    merged = {**values, **saved, **{name: values[name] for name in explicit}}
+    return argparse.Namespace(**merged)
+
+
+def model_config(value: str) -> UNetConfig:
+    if value in NAMED_UNET_CONFIGS:
+        return UNetConfig.named(value)
+    path = Path(value)
+    if not path.is_file():
+        raise UsageError(f"--config {value!r}: not a named config ({', '.join(NAMED_UNET_CONFIGS)}) nor a JSON file")
+    try:
+        document = json.loads(path.read_text())
+        if not isinstance(document, dict):
+            raise ValueError(f"expected a JSON object, got {type(document).__name__}")
+        return UNetConfig.from_dict(document)
+    except (ValueError, TypeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path}: not a UNetConfig JSON object ({error})") from None
+
+
+def check_args(args: argparse.Namespace, config: UNetConfig, device: torch.device) -> None:
+    positive = ("scale", "hr_size", "batch_size", "log_every", "val_count", "schedule_steps", "sample_steps")
+    non_negative = ("steps", "warmup_steps", "grad_clip", "blur_sigma", "seed", "save_every", "val_every",
+                    "weight_decay")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
+    for name in non_negative:
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(args, name)}")
+    if args.lr <= 0 or not 0.0 <= args.ema_decay < 1.0:
+        raise UsageError(f"need --lr > 0 and 0 <= --ema-decay < 1; got {args.lr} and {args.ema_decay}")
+    for multiple, what in ((args.scale, "--scale"), (config.size_multiple, "the model's size multiple")):
+        if args.hr_size % multiple:
+            raise UsageError(f"--hr-size {args.hr_size} is not divisible by {what} ({multiple})")
+    if args.val_data and args.hr_size < metrics.SSIM_MIN_SIZE:
+        raise UsageError(f"--hr-size must be >= {metrics.SSIM_MIN_SIZE} for validation SSIM; got {args.hr_size}")
+    if args.amp in AMP_DTYPES and device.type != "cuda":
+        raise UsageError(f"--amp {args.amp} needs a CUDA device; got {device}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UsageError(f"--num-workers must be >= 0; got {args.num_workers}")
+
+
+def schedules(args: argparse.Namespace) -> tuple[NoiseSchedule, NoiseSchedule]:
+    """(training schedule, inference schedule saved with the model)."""
+    try:
+        train = ScheduleConfig(args.schedule, args.schedule_steps, args.beta_start, args.beta_end)
+        sample = ScheduleConfig("linear", args.sample_steps, args.sample_beta_start, args.sample_beta_end)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return NoiseSchedule.from_config(train), NoiseSchedule.from_config(sample)
+
+
+def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, UNetConfig, dict[str, Any] | None]:
+    args, explicit = parse_args(argv)
+    out = Path(args.out)
+    state = None
+    if args.resume:
+        state = ckpt.load_state(out / ckpt.STATE_FILE)
+        args = resume_args(state["args"], args, explicit, out / ckpt.STATE_FILE)
+        config = UNetConfig.from_dict(state["model_config"])
+    else:
+        if (out / ckpt.STATE_FILE).exists():
+            raise UsageError(f"{out / ckpt.STATE_FILE}: exists; pass --resume to continue that run "
+                             "or pick another --out")
+        config = model_config(args.config)
+    if not args.data:
+        raise UsageError("--data is required")
+    return args, config, state
+
+
+def train(argv: list[str] | None = None) -> Run:
+    """Run (or resume) training from command-line arguments; returns the finished run."""
+    args, config, state = prepare(argv)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    procs = start_processes(parse_device(args.device, local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
+    try:
+        check_args(args, config, procs.device)
+        paths = usable_images(Path(args.data), args.hr_size, warn=procs.is_main)
+        val_paths = (usable_images(Path(args.val_data), args.hr_size, warn=procs.is_main)[:args.val_count]
+                     if args.val_data else [])
+        run = build_run(args, config, procs, schedules(args), state)
+        run.data_fingerprint = fingerprint(Path(args.data), paths)
+        if state is not None and procs.is_main:
+            warn_if_data_changed(run, state)
+        log = start_log(run)
+        try:
+            val_hr = load_centre_crops(val_paths, args.hr_size) if val_paths and procs.is_main else None
+            train_loop(run, paths, val_hr, log)
+            finish(run, log)
+        finally:
+            if log is not None:
+                log.close()
+        return run
+    finally:
+        if procs.world_size > 1:
+            dist.destroy_process_group()
+
+
+def warn_if_data_changed(run: Run, state: dict[str, Any]) -> None:
+    # The sample stream is defined by the image list; with another list the run goes on,
+    # but it is no longer the run that was saved.
+    if state.get("data_fingerprint") not in (None, run.data_fingerprint):
+        print_warning(f"the images under {run.args.data} changed since the checkpoint; "
+                      "training continues on the new set")
+
+
+def start_log(run: Run) -> ckpt.JsonlLog | None:
+    """Rank 0's log. Records after the step the run starts from (all of them for a fresh run)
+    come from a process that never reached its next checkpoint, and are dropped."""
+    if not run.procs.is_main:
+        return None
+    run.out.mkdir(parents=True, exist_ok=True)
+    model_dir.recover(run.out / ckpt.MODEL_DIR)
+    ckpt.truncate_log(run.out / ckpt.LOG_FILE, run.step)
+    return ckpt.JsonlLog(run.out / ckpt.LOG_FILE)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        train(list(argv) if argv is not None else None)
+    except (UsageError, DataError, ckpt.CheckpointError) as error:
+        # DataLoader workers re-raise with the worker's traceback in the message; its last line is the error.
+        print_error(str(error).strip().splitlines()[-1])
+        return EXIT_USAGE
+    return EXIT_OK

@@ -1,0 +1,132 @@
+"""group_norm_silu: y = silu(GroupNorm(x + pre_bias[:, :, None, None]) * weight + bias).
+
+    h[b, c, s] = x[b, c, s] + pre_bias[b, c]
+    mean, var  = mean and biased variance of h over the (C/G)*H*W elements of group (b, g)
+    y[b, c, s] = silu((h - mean) / sqrt(var + eps) * weight[c] + bias[c]),   silu(v) = v sigmoid(v)
+
+x is (B, C, H, W) in NCHW or channels_last, float32/float16/bfloat16, C divisible by G;
+statistics are float32 or better on every backend. In this file: the float64 reference
+the tests hold every backend to, the argument rules every backend shares, the native
+backend, the public entry point, and the analytic backward the fused backends register.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+
+
+def group_norm_silu_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                        bias: torch.Tensor | None, eps: float = 1e-5, *,
+                        pre_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Float64 reference: two-pass mean and biased variance per (batch, group)."""
+    b, c = x.shape[:2]
+    h = x.double()
+    if pre_bias is not None:
+        h = h + pre_bias.double().view(b, c, *([1] * (x.dim() - 2)))
+    grouped = h.reshape(b, num_groups, -1)
+    mean = grouped.mean(dim=-1, keepdim=True)
+    var = ((grouped - mean) ** 2).mean(dim=-1, keepdim=True)
+    normed = ((grouped - mean) / torch.sqrt(var + eps)).reshape(h.shape)
+    affine_shape = (1, c, *([1] * (x.dim() - 2)))
+    if weight is not None:
+        normed = normed * weight.double().view(affine_shape)
+    if bias is not None:
+        normed = normed + bias.double().view(affine_shape)
+    return (normed * torch.sigmoid(normed)).to(x.dtype)
+
+
+def check_arguments(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    pre_bias: torch.Tensor | None, *, op: str = "group_norm_silu") -> None:
+    """The rules every backend shares; a bad argument raises a one-line ValueError."""
+    if x.dtype not in dispatch.FLOAT_DTYPES:
+        raise ValueError(f"{op}: x has dtype {x.dtype}; expected float32, float16 or bfloat16")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: expected a 4-D (B, C, H, W) tensor; got shape {tuple(x.shape)}")
+    batch, channels = x.shape[:2]
+    if num_groups < 1 or channels % num_groups:
+        raise ValueError(f"{op}: {channels} channels are not divisible by num_groups={num_groups}")
+    for name, tensor, shape in (("weight", weight, (channels,)), ("bias", bias, (channels,)),
+                                ("pre_bias", pre_bias, (batch, channels))):
+        if tensor is None:
+            continue
+        if tensor.shape != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}; got {tuple(tensor.shape)}")
+        if tensor.device != x.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device} but x is on {x.device}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{op}: {name} has dtype {tensor.dtype}; expected a float dtype")
+
+
+def _native(x, num_groups, weight, bias, eps, pre_bias):
+    if pre_bias is not None:
+        x = x + pre_bias.view(*pre_bias.shape, 1, 1).to(x.dtype)
+    return F.silu(F.group_norm(x, num_groups, weight, bias, eps))
+
+
+dispatch.register("group_norm_silu", "native", _native)
+
+
+def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None, eps: float = 1e-5, *,
+                    pre_bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """GroupNorm followed by SiLU, optionally adding a per-(batch, channel) `pre_bias` first."""
+    check_arguments(x, num_groups, weight, bias, pre_bias)
+    return dispatch.implementation("group_norm_silu", backend, x).run(x, num_groups, weight, bias, eps, pre_bias)
+
+
+def group_norm_silu_backward(grad: torch.Tensor, x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                             bias: torch.Tensor | None, eps: float, pre_bias: torch.Tensor | None,
+                             needs: tuple[bool, bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (x, weight, bias, pre_bias) of group_norm_silu, for the fused backends' autograd.
+
+    Analytic and in float32 whatever the input dtype, recomputing the statistics from the
+    inputs instead of saving them; `needs` says which of the four gradients to compute.
+    """
+    batch, channels = x.shape[:2]
+    per_channel = (1, channels, 1, 1)
+    h = x.float()
+    if pre_bias is not None:
+        h = h + pre_bias.float().view(batch, channels, 1, 1)
+    grouped = h.reshape(batch, num_groups, -1)
+    var, mean = torch.var_mean(grouped, dim=-1, unbiased=False, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    x_hat = (grouped - mean) * rstd
+    scale = weight.float().view(per_channel) if weight is not None else 1.0
+    pre_act = x_hat.view(h.shape) * scale
+    if bias is not None:
+        pre_act = pre_act + bias.float().view(per_channel)
+    sig = torch.sigmoid(pre_act)
+    d_pre_act = grad.float() * sig * (1.0 + pre_act * (1.0 - sig))
+
+    d_x_hat = (d_pre_act * scale).reshape(grouped.shape)
+    d_h = rstd * (d_x_hat - d_x_hat.mean(-1, keepdim=True)
+                  - x_hat * (d_x_hat * x_hat).mean(-1, keepdim=True))
+    d_h = d_h.view(h.shape)
+    d_x = d_h.to(x.dtype) if needs[0] else None
+    d_weight = (d_pre_act * x_hat.view(h.shape)).sum((0, 2, 3)).to(weight.dtype) if needs[1] else None
+    d_bias = d_pre_act.sum((0, 2, 3)).to(bias.dtype) if needs[2] else None
+    d_pre_bias = d_h.sum((2, 3)).to(pre_bias.dtype) if needs[3] else None
+    return d_x, d_weight, d_bias, d_pre_bias
+
+
+def _setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, pre_bias, eps = inputs
+    ctx.num_groups, ctx.eps = num_groups, eps
+    ctx.save_for_backward(x, weight, bias, pre_bias)
+
+
+def _backward(ctx, grad):
+    x, weight, bias, pre_bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad  # positions in the op's schema: x, num_groups, weight, bias, pre_bias, eps
+    d_x, d_weight, d_bias, d_pre_bias = group_norm_silu_backward(
+        grad, x, ctx.num_groups, weight, bias, ctx.eps, pre_bias, (needs[0], needs[2], needs[3], needs[4]))
+    return d_x, None, d_weight, d_bias, d_pre_bias, None
+
+
+def register_autograd(op) -> None:
+    """Autograd for a fused backend's group_norm_silu custom op (a CustomOpDef or its qualified
+    name), whose schema must be (x, num_groups, weight, bias, pre_bias, eps)."""
+    torch.library.register_autograd(op, _backward, setup_context=_setup_context)

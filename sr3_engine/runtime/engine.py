@@ -1,0 +1,191 @@
+"""SR3Engine: low-res images in, super-resolved images out.
+
+The public API works on images in [0, 1]; inside, images live in [-1, 1]. The low-res
+input becomes the condition x_up (`diffusion.condition`), then the reverse process runs
+with the engine's schedule and sampler through `samplers.sample_with`, the path the public
+`sr3_engine.sample` takes too, with the engine backend running the plan.
+
+An engine is configured once, at construction, and never changes afterwards: its
+attributes are read-only, and every per-call choice (steps, schedule, sampler) is an
+argument of `sample` and `upscale`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..config import UNetConfig
+from ..diffusion import condition, output_image
+from ..io import has_alpha, pil_to_tensor, tensor_to_pil, to_rgb_or_rgba
+from ..samplers import SamplerConfig, StepCallback, make_plan, sample_with
+from ..schedules import NoiseSchedule
+from . import model_dir
+from .backends import create_backend
+
+ENGINE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def default_schedule() -> NoiseSchedule:
+    return NoiseSchedule.linear(100, 1e-4, 0.1)
+
+
+class SR3Engine:
+    """Serve an SR3 denoiser. `model` is any module with model(x_up, y_t, noise_level) -> eps.
+
+    What happens to `model` depends on the backend (see runtime/backends): `eager`, `compile`
+    and `fused` take it over, moving it to `device` and `dtype` (and, for `fused`, to
+    channels_last) and putting it in eval mode in place, since copying a large model would
+    double its memory; pass a copy to keep the original as it was. `onnxruntime` and
+    `tensorrt` export a copy and leave `model` as it is.
+    """
+
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule | None = None, scale: int = 4, *,
+                 backend: str = "eager", device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, sampler: str | SamplerConfig = "ancestral",
+                 progress: bool = True, op_backend: str = "auto", backend_options: dict[str, Any] | None = None):
+        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+            raise ValueError(f"SR3Engine: scale must be a positive integer; got {scale!r}")
+        if dtype not in ENGINE_DTYPES:
+            raise ValueError(f"SR3Engine: dtype must be one of {ENGINE_DTYPES}; got {dtype}")
+        self._schedule = schedule if schedule is not None else default_schedule()
+        self._scale = scale
+        self._sampler = sampler if isinstance(sampler, SamplerConfig) else SamplerConfig(name=sampler)
+        self._device = torch.device(device)
+        self._dtype = dtype
+        self._progress = progress
+        self._model = model
+        self._backend = create_backend(backend, model, self._device, dtype, op_backend, backend_options)
+
+    schedule = property(lambda self: self._schedule, doc="The default inference schedule.")
+    scale = property(lambda self: self._scale, doc="The upscaling factor.")
+    sampler = property(lambda self: self._sampler, doc="The default SamplerConfig.")
+    device = property(lambda self: self._device)
+    dtype = property(lambda self: self._dtype)
+    progress = property(lambda self: self._progress, doc="Whether sampling shows a progress bar.")
+    model = property(lambda self: self._model, doc="The module the engine was given.")
+    backend = property(lambda self: self._backend, doc="The engine backend that runs the plan.")
+
+    @property
+    def size_multiple(self) -> int:
+        config = getattr(self._model, "config", None)
+        return config.size_multiple if isinstance(config, UNetConfig) else 1
+
+    def sampler_config(self, sampler: str | SamplerConfig | None = None, *,
+                       strength: float | None = None) -> SamplerConfig:
+        """The SamplerConfig a call with these overrides uses: a name replaces only the engine
+        sampler's name, a SamplerConfig replaces it whole, `strength` replaces its strength."""
+        if sampler is None:
+            config = self._sampler
+        elif isinstance(sampler, SamplerConfig):
+            config = sampler
+        else:
+            config = dataclasses.replace(self._sampler, name=sampler)
+        return config if strength is None else dataclasses.replace(config, strength=strength)
+
+    def schedule_for(self, steps: int | None = None, schedule: NoiseSchedule | None = None) -> NoiseSchedule:
+        """The schedule a call with these overrides uses."""
+        schedule = schedule if schedule is not None else self._schedule
+        return schedule.respaced(steps) if steps is not None else schedule
+
+    def _validate(self, lr: Any) -> torch.Tensor:
+        if not isinstance(lr, torch.Tensor):
+            raise ValueError(f"SR3Engine.sample: expected a torch.Tensor of shape (B, 3, h, w); got {type(lr).__name__}")
+        if lr.dim() != 4:
+            raise ValueError(f"SR3Engine.sample: expected shape (B, 3, h, w); got {tuple(lr.shape)} ({lr.dim()}-D)")
+        if lr.shape[0] == 0:
+            raise ValueError("SR3Engine.sample: the batch is empty; expected at least one image")
+        if lr.shape[1] != 3:
+            raise ValueError(f"SR3Engine.sample: expected 3 (RGB) channels; got {lr.shape[1]} in shape {tuple(lr.shape)}")
+        if lr.shape[2] == 0 or lr.shape[3] == 0:
+            raise ValueError(f"SR3Engine.sample: images must be at least 1x1; got {tuple(lr.shape[2:])}")
+        if not lr.is_floating_point():
+            raise ValueError(f"SR3Engine.sample: expected a floating point tensor in [0, 1]; got {lr.dtype}"
+                             " (for 8-bit images use x.float() / 255)")
+        if not bool(torch.isfinite(lr).all()):
+            raise ValueError("SR3Engine.sample: the input contains NaN or Inf")
+        low, high = float(lr.min()), float(lr.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"SR3Engine.sample: expected values in [0, 1]; got [{low:.4g}, {high:.4g}]")
+        return lr
+
+    def sample(self, lr: torch.Tensor, *, generator: torch.Generator | None = None, steps: int | None = None,
+               schedule: NoiseSchedule | None = None, sampler: str | SamplerConfig | None = None,
+               callback: StepCallback | None = None) -> torch.Tensor:
+        """(B, 3, h, w) in [0, 1] -> (B, 3, h*scale, w*scale) in [0, 1], float32, on lr's device.
+
+        `steps` respaces the schedule to that many steps; `schedule` replaces it for this call;
+        `sampler` is a name or a SamplerConfig (see `sampler_config`). The same generator seed
+        gives the same output.
+        """
+        lr = self._validate(lr)
+        schedule = self.schedule_for(steps, schedule)
+        config = self.sampler_config(sampler)
+        x_up = condition(lr.to(self._device, torch.float32), self._scale, self.size_multiple)
+        height, width = lr.shape[-2] * self._scale, lr.shape[-1] * self._scale
+
+        steps_run = make_plan(schedule, config).num_steps
+        with tqdm(total=steps_run, desc="sampling", unit="step", disable=not self._progress, leave=False) as bar:
+            def on_step(i: int, total: int, y: torch.Tensor) -> None:
+                bar.update(1)
+                if callback is not None:
+                    callback(i, total, y)
+
+            y0 = sample_with(self._backend.run, x_up, schedule, config, generator=generator, callback=on_step)
+        y0 = y0[..., :height, :width]
+        return output_image(y0).to(lr.device)
+
+    def upscale(self, images: Sequence[Image.Image], *, generator: torch.Generator | None = None,
+                steps: int | None = None, schedule: NoiseSchedule | None = None,
+                sampler: str | SamplerConfig | None = None, batch_size: int = 8) -> list[Image.Image]:
+        """PIL images in, PIL images `scale` times larger out, in the same order. Images of one
+        size are sampled together; an alpha channel is upscaled bicubically and re-attached."""
+        if batch_size < 1:
+            raise ValueError(f"SR3Engine.upscale: batch_size must be positive; got {batch_size}")
+        results: list[Image.Image | None] = [None] * len(images)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            by_size.setdefault(image.size, []).append(index)
+        for indices in by_size.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                lr = torch.stack([pil_to_tensor(images[i]) for i in chunk])
+                hr = self.sample(lr, generator=generator, steps=steps, schedule=schedule, sampler=sampler)
+                for i, out in zip(chunk, hr):
+                    results[i] = _with_alpha(images[i], tensor_to_pil(out))
+        return results  # type: ignore[return-value]
+
+    def save_pretrained(self, directory: str | os.PathLike, *, weights_dtype: torch.dtype | None = None) -> Path:
+        """Write config.json (model, schedule, sampler, scale) and model.safetensors (see
+        `runtime.model_dir`). `weights_dtype` stores the weights in another precision."""
+        config = getattr(self._model, "config", None)
+        if not isinstance(config, UNetConfig):
+            raise TypeError("SR3Engine.save_pretrained: only SR3UNet models (with a UNetConfig) can be saved")
+        spec = model_dir.ModelSpec(config, self._schedule.config, self._sampler, self._scale)
+        return model_dir.write(directory, self._model.state_dict(), spec, weights_dtype=weights_dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, backend: str = "eager",
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        **engine_kwargs: Any) -> "SR3Engine":
+        """Load a model directory (see `runtime.model_dir`) or a bundled model's name."""
+        model, spec = model_dir.load(name_or_path)
+        engine_kwargs.setdefault("sampler", spec.sampler)
+        return cls(model, NoiseSchedule.from_config(spec.schedule), spec.scale, backend=backend, device=device,
+                   dtype=dtype, **engine_kwargs)
+
+
+def _with_alpha(source: Image.Image, rgb: Image.Image) -> Image.Image:
+    if not has_alpha(source):
+        return rgb
+    alpha = to_rgb_or_rgba(source).getchannel("A").resize(rgb.size, Image.Resampling.BICUBIC)
+    out = rgb.convert("RGBA")
+    out.putalpha(alpha)
+    return out
