@@ -284,6 +284,8 @@ def plan(batch: int, channels: int, groups: int, hw: int, channels_inner: bool, 
 def _check(x, num_groups, weight, bias, pre_bias) -> None:
     """The shared rules of `ops.group_norm_silu`, then what these kernels add: the device and their limits."""
     check_arguments(x, num_groups, weight, bias, pre_bias, op="group_norm_silu (triton)")
+    if x.dtype not in dispatch.FLOAT_DTYPES:
+        raise ValueError(f"group_norm_silu (triton): x has dtype {x.dtype}; the kernels take float32, float16, bfloat16")
     reason = why_not_runnable(x)
     if reason is not None:
         raise ValueError(f"group_norm_silu (triton): x is on {x.device}: {reason}")

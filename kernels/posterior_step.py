@@ -114,6 +114,10 @@ def _block(numel: int, device: torch.device) -> int:
 def _check(y_t, eps, noise, seed, sigma, out) -> None:
     """The shared rules of `ops.posterior_step`, then what this kernel adds: the device."""
     check_arguments(y_t, eps, noise, seed, sigma, out=out, op="posterior_step (triton)")
+    for name, tensor in (("y_t", y_t), ("eps", eps), ("noise", noise)):
+        if tensor is not None and tensor.dtype not in dispatch.FLOAT_DTYPES:
+            raise ValueError(f"posterior_step (triton): {name} has dtype {tensor.dtype}; the kernel takes float32, "
+                             "float16, bfloat16")
     reason = why_not_runnable(y_t)
     if reason is not None:
         raise ValueError(f"posterior_step (triton): y_t is on {y_t.device}: {reason}")

@@ -79,7 +79,7 @@ def main() -> int:
     print(f"best: {best['sampler']['name']} {best['label']}; wrote {args.out}")
     if args.ship is not None:
         spec = ModelSpec(engine.model.config, sr3.ScheduleConfig.from_dict(best["schedule"]),
-                         sr3.SamplerConfig.from_dict(best["sampler"]), engine.scale)
+                         sr3.SamplerConfig.from_dict(best["sampler"]), engine.scale, engine.resampler)
         model_dir.write(args.ship, engine.model.state_dict(), spec, weights_dtype=torch.float16)
         print(f"shipped {args.ship}")
     return 0

@@ -7,9 +7,10 @@ the fused op backends (`op_backends`), so `import sr3_engine` is all a user need
 from . import op_backends, ops  # noqa: F401  (op_backends registers the triton and cpp op backends)
 from .config import NAMED_UNET_CONFIGS, ScheduleConfig, UNetConfig
 from .diffusion import condition, diffusion_loss, q_sample, sample_noise_levels
-from .io import ImageError, load_image, save_png
+from .io import ImageError, ImageWarning, load_image, save_png
 from .runtime.engine import SR3Engine
 from .runtime.model_dir import bundled_models
+from .runtime.tiling import MemoryBudgetError, TileGrid
 from .samplers import SAMPLERS, SamplerConfig, SamplingPlan, make_plan, sample
 from .schedules import NoiseSchedule
 from .unet import SR3UNet, set_op_backend
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ImageError",
+    "MemoryBudgetError",
+    "ImageWarning",
     "NAMED_UNET_CONFIGS",
     "NoiseSchedule",
     "SAMPLERS",
@@ -26,6 +29,7 @@ __all__ = [
     "SamplerConfig",
     "SamplingPlan",
     "ScheduleConfig",
+    "TileGrid",
     "UNetConfig",
     "bundled_models",
     "condition",

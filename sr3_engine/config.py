@@ -4,19 +4,27 @@ Every config is a frozen dataclass so it can be hashed, shared between threads a
 written next to a checkpoint without anyone mutating it afterwards. (SamplerConfig, whose
 names come from the sampler registry, lives with the samplers in `samplers.py`.) `to_dict` gives
 plain JSON types; `from_dict` rejects unknown keys so a typo in a config file is an
-error instead of a silently ignored setting.
+error instead of a silently ignored setting. Every field holds exactly its declared type
+(`check_field_types`): a config file is user input, and "122" for (1, 2, 2) or true for 1
+must fail here with the field's name, not later inside the network's arithmetic.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from typing import Any, Mapping, TypeVar
 
 T = TypeVar("T", bound="JsonConfig")
 
 NOISE_LEVEL_INPUTS = ("sqrt_gamma", "gamma")
 SCHEDULE_KINDS = ("linear", "cosine", "warmup", "quad", "const")
+# Far beyond any published schedule (SR3 trains with 2000 steps); its float64 tables already
+# take a few MB, and a typo such as 10**10 must not become an attempt to allocate 80 GB.
+MAX_SCHEDULE_STEPS = 100_000
 
 
 class JsonConfig:
@@ -32,8 +40,18 @@ class JsonConfig:
         kwargs = {}
         for name, value in data.items():
             default = known[name].default
-            kwargs[name] = tuple(value) if isinstance(default, tuple) and value is not None else value
+            kwargs[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
         return cls(**kwargs)
+
+    def check_field_types(self) -> None:
+        """Raise ValueError naming the first field whose value is not of its declared type:
+        an int field takes an int (not a bool, string or float), a float field any finite
+        number, a tuple field a tuple (a JSON list) of its items' type."""
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), hints[field.name]
+            if not _is_of_type(value, kind):
+                raise ValueError(f"{type(self).__name__}.{field.name} must be {_type_name(kind)}; got {value!r}")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -47,6 +65,36 @@ def _to_json_value(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     return value
+
+
+def _is_of_type(value: Any, kind: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str)
+    if kind is type(None):
+        return value is None
+    items = typing.get_args(kind)
+    if typing.get_origin(kind) is tuple:
+        return isinstance(value, tuple) and all(_is_of_type(item, items[0]) for item in value)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(_is_of_type(value, item) for item in items)
+    raise TypeError(f"check_field_types has no rule for {kind}")
+
+
+def _type_name(kind: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+             type(None): "null"}
+    if kind in names:
+        return names[kind]
+    items = typing.get_args(kind)
+    if typing.get_origin(kind) is tuple:
+        return f"a list of {_type_name(items[0]).removeprefix('an ').removeprefix('a ')}s"
+    return " or ".join(_type_name(item) for item in items)
 
 
 def _check_choice(owner: str, field: str, value: Any, choices: tuple) -> None:
@@ -77,12 +125,15 @@ class UNetConfig(JsonConfig):
     noise_level_input: str = "sqrt_gamma"
 
     def __post_init__(self) -> None:
+        self.check_field_types()
         for name in ("channels", "inner_channels", "res_blocks", "norm_groups", "image_size", "num_heads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "res_blocks" else 1):
+            if value < (0 if name == "res_blocks" else 1):
                 raise ValueError(f"UNetConfig.{name} must be a positive integer; got {value!r}")
-        if not self.channel_mults or any(int(m) < 1 for m in self.channel_mults):
+        if not self.channel_mults or any(m < 1 for m in self.channel_mults):
             raise ValueError(f"UNetConfig.channel_mults must be positive integers; got {self.channel_mults!r}")
+        if any(r < 1 for r in self.attn_resolutions):
+            raise ValueError(f"UNetConfig.attn_resolutions must be positive integers; got {self.attn_resolutions!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1); got {self.dropout!r}")
         _check_choice("UNetConfig", "noise_level_input", self.noise_level_input, NOISE_LEVEL_INPUTS)
@@ -137,12 +188,14 @@ class ScheduleConfig(JsonConfig):
     respace: int | None = None
 
     def __post_init__(self) -> None:
+        self.check_field_types()
         _check_choice("ScheduleConfig", "kind", self.kind, SCHEDULE_KINDS)
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"ScheduleConfig.steps must be a positive integer; got {self.steps!r}")
+        if not 1 <= self.steps <= MAX_SCHEDULE_STEPS:
+            raise ValueError(f"ScheduleConfig.steps must be an integer in [1, {MAX_SCHEDULE_STEPS}]; "
+                             f"got {self.steps!r}")
         if self.kind != "cosine" and not 0.0 < self.start <= self.end < 1.0:
             raise ValueError(f"ScheduleConfig needs 0 < start <= end < 1; got start={self.start}, end={self.end}")
         if not 0.0 < self.warmup_frac <= 1.0:
             raise ValueError(f"ScheduleConfig.warmup_frac must be in (0, 1]; got {self.warmup_frac}")
-        if self.respace is not None and not (isinstance(self.respace, int) and 1 <= self.respace <= self.steps):
+        if self.respace is not None and not 1 <= self.respace <= self.steps:
             raise ValueError(f"ScheduleConfig.respace must be in [1, {self.steps}]; got {self.respace!r}")

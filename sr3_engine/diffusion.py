@@ -41,11 +41,16 @@ def q_sample(y0: torch.Tensor, noise_level: torch.Tensor, noise: torch.Tensor) -
     return level * y0 + torch.sqrt(1.0 - level * level) * noise
 
 
-def condition(lr: torch.Tensor, scale: int, size_multiple: int = 1) -> torch.Tensor:
-    """x_up for low-res images lr (B, C, h, w) in [0, 1]: upsampled bicubically by `scale`, mapped
-    to [-1, 1] and clamped there, then padded by replicating the last row and column up to
-    multiples of `size_multiple` (what the U-Net takes). The image is x_up[..., :h*scale, :w*scale]."""
-    x_up = resize.upsample(lr * 2.0 - 1.0, scale).clamp(-1.0, 1.0)
+def condition(lr: torch.Tensor, scale: int, size_multiple: int = 1, resampler: str = "bicubic") -> torch.Tensor:
+    """x_up for low-res images lr (B, C, h, w) in [0, 1]: upsampled by `scale` with the model's
+    resampler (`resize.RESAMPLERS`), mapped to [-1, 1] and clamped there, then padded by
+    replicating the last row and column up to multiples of `size_multiple` (what the U-Net
+    takes). The image is x_up[..., :h*scale, :w*scale]."""
+    if resampler == "bicubic":
+        # Upsampled in [-1, 1], as every model trained here so far was conditioned.
+        x_up = resize.upsample(lr * 2.0 - 1.0, scale).clamp(-1.0, 1.0)
+    else:
+        x_up = resize.upsample(lr, scale, resampler) * 2.0 - 1.0
     height, width = x_up.shape[-2:]
     pad_h, pad_w = (-height) % size_multiple, (-width) % size_multiple
     if pad_h or pad_w:

@@ -63,6 +63,7 @@ class SamplerConfig(JsonConfig):
     strength: float = 1.0
 
     def __post_init__(self) -> None:
+        self.check_field_types()
         if self.name not in SAMPLERS:
             raise ValueError(f"SamplerConfig.name must be one of {tuple(SAMPLERS)}; got {self.name!r}")
         if self.sigma not in SIGMA_KINDS:

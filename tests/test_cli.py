@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("upscale", "train", "evaluate", "export", "demo"):
+    for name in ("upscale", "train", "evaluate", "export", "convert", "demo"):
         assert f"  {name} " in out
-    assert set(COMMANDS) == {"upscale", "train", "evaluate", "export", "demo"}
+    assert set(COMMANDS) == {"upscale", "train", "evaluate", "export", "convert", "demo"}
 
 
 def test_an_unknown_command_is_a_usage_error(capsys):
@@ -24,7 +24,7 @@ def test_an_unknown_command_is_a_usage_error(capsys):
     assert "invalid choice: 'enhance'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["upscale", "train", "evaluate", "export", "demo"])
+@pytest.mark.parametrize("name", ["upscale", "train", "evaluate", "export", "convert", "demo"])
 def test_each_command_has_its_own_help(name, capsys):
     assert main([name, "--help"]) == 0
     assert f"python -m sr3_engine {name}" in capsys.readouterr().out

@@ -3,12 +3,14 @@
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
 
 import sr3_engine as sr3
+from sr3_engine.io import to_rgb_or_rgba
 from sr3_engine.runtime.backends import BackendUnavailableError
 
 
@@ -183,6 +185,41 @@ def test_upscale_keeps_order_sizes_and_alpha(tiny_model):
     assert [im.size for im in out] == [(8, 8), (10, 6), (8, 8)]
     assert [im.mode for im in out] == ["RGB", "RGBA", "RGB"]
     assert out[1].getchannel("A").getextrema() == (128, 128)
+
+
+def _modes() -> dict[str, Image.Image]:
+    """One 5x6 image in each mode `load_image` hands over or converts from."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8))
+    alpha = Image.fromarray(rng.integers(1, 256, (6, 5), dtype=np.uint8))
+    rgba = rgb.copy()
+    rgba.putalpha(alpha)
+    keyed = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    keyed.info["transparency"] = int(np.asarray(keyed)[0, 0])
+    deep = rng.integers(0, 65536, (6, 5))
+    return {
+        "RGB": rgb, "RGBA": rgba, "L": rgb.convert("L"), "LA": Image.merge("LA", (rgb.convert("L"), alpha)),
+        "P": keyed, "RGBa": rgba.convert("RGBa"), "CMYK": rgb.convert("CMYK"),
+        "I;16": Image.fromarray(deep.astype(np.uint16)), "I": Image.fromarray(deep.astype(np.int32)),
+        "F": Image.fromarray(rng.random((6, 5), dtype=np.float32)),
+    }
+
+
+@pytest.mark.parametrize("mode", list(_modes()))
+def test_upscale_takes_every_mode_load_image_takes(tiny_model, mode):
+    engine = _engine(tiny_model, scale=2)
+    image = _modes()[mode]
+    assert image.mode == mode
+    expected = to_rgb_or_rgba(image)
+    # With another image in the call: one image's mode must not fail or change the others.
+    out, neighbour = engine.upscale([image, _modes()["RGB"]], generator=_seeded(), steps=2)
+    assert neighbour.size == (10, 12) and neighbour.mode == "RGB"
+    assert out.size == (10, 12) and out.mode == expected.mode
+    reference = engine.upscale([expected.convert("RGB"), _modes()["RGB"]], generator=_seeded(), steps=2)[0]
+    assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(reference))
+    if expected.mode == "RGBA":
+        alpha = expected.getchannel("A").resize((10, 12), Image.Resampling.BICUBIC)
+        assert np.array_equal(np.asarray(out.getchannel("A")), np.asarray(alpha))
 
 
 def test_weights_that_do_not_fit_the_config_name_the_file(tiny_model, tmp_path):

@@ -1,14 +1,21 @@
 """sr3_engine.io: every input becomes 8-bit RGB/RGBA or one precise ImageError; writes are atomic."""
 
 import os
+import signal
+import struct
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from sr3_engine.io import (ImageError, atomic_path, collect_inputs, load_image, output_names,
-                           pil_to_tensor, save_png)
+from sr3_engine.io import (ImageError, ImageWarning, atomic_path, check_writable, collect_inputs, image_warnings,
+                           load_image, output_names, pil_to_tensor, printable, save_png, sweep_temporaries)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rgb(height=8, width=12, seed=0) -> Image.Image:
@@ -96,9 +103,10 @@ def test_float_images_are_taken_as_unit_range(tmp_path):
     assert np.asarray(load_image(tmp_path / "f.tif"))[0, :, 1].tolist() == [0, 128, 255, 255]
 
 
-@pytest.mark.parametrize("mode, expected", [("RGBA", "RGBA"), ("LA", "RGBA"), ("CMYK", "RGB"), ("1", "RGB")])
+@pytest.mark.parametrize("mode, expected", [("RGBA", "RGBA"), ("LA", "RGBA"), ("CMYK", "RGB"), ("1", "RGB"),
+                                            ("LAB", "RGB")])  # the "A" band of CIELab is no alpha
 def test_other_modes(tmp_path, mode, expected):
-    path = tmp_path / ("image.tif" if mode == "CMYK" else "image.png")
+    path = tmp_path / ("image.tif" if mode in ("CMYK", "LAB") else "image.png")
     _rgb().convert(mode).save(path)
     image = load_image(path)
     assert image.mode == expected and image.size == (12, 8)
@@ -188,6 +196,66 @@ def test_failed_save_keeps_the_old_file_and_no_temporary(tmp_path):
     assert target.read_bytes() == b"previous" and os.listdir(tmp_path) == ["x.png"]
 
 
+def test_of_two_exclusive_writers_of_one_name_exactly_one_wins(tmp_path):
+    target = tmp_path / "x.png"
+    with pytest.raises(FileExistsError):
+        with atomic_path(target, overwrite=False) as loser:
+            loser.write_bytes(b"loser")
+            with atomic_path(target, overwrite=False) as winner:
+                winner.write_bytes(b"winner")
+    assert target.read_bytes() == b"winner" and os.listdir(tmp_path) == ["x.png"]
+    with pytest.raises(FileExistsError):
+        save_png(_rgb(), target, overwrite=False)
+    assert target.read_bytes() == b"winner" and os.listdir(tmp_path) == ["x.png"]
+    save_png(_rgb(), target)
+    assert Image.open(target).size == (12, 8)
+
+
+def test_sweep_deletes_stale_temporaries_only(tmp_path):
+    stale = tmp_path / ".a.png.0123abcd.tmp"
+    stale.write_bytes(b"left by a killed run")
+    others = [".a.png.tmp", "a.png.0123abcd.tmp", ".a.png.0123ABCD.tmp", ".a.png.0123abcde.tmp"]
+    for name in others:
+        (tmp_path / name).write_bytes(b"not ours")
+    (tmp_path / ".b.png.89abcdef.tmp").mkdir()
+    with atomic_path(tmp_path / "c.png") as live:
+        live.write_bytes(b"being written")
+        assert sweep_temporaries(tmp_path) == [stale]
+        assert live.read_bytes() == b"being written"
+    assert (tmp_path / "c.png").read_bytes() == b"being written"
+    assert sorted(os.listdir(tmp_path)) == sorted([*others, ".b.png.89abcdef.tmp", "c.png"])
+    assert sweep_temporaries(tmp_path / "missing") == []
+
+
+def test_the_temporary_of_a_killed_writer_is_swept(tmp_path):
+    script = ("import os, signal, sys\n"
+              "from sr3_engine.io import atomic_path\n"
+              "with atomic_path(sys.argv[1]) as tmp:\n"
+              "    tmp.write_bytes(b'half')\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))}
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.png")], env=env, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".x.png.") and left.name.endswith(".tmp")
+    assert sweep_temporaries(tmp_path) == [left] and os.listdir(tmp_path) == []
+
+
+def test_check_writable_probes_where_the_folder_is_or_would_be(tmp_path):
+    check_writable(tmp_path)
+    check_writable(tmp_path / "new" / "deeper")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError):
+        check_writable(tmp_path / "file")
+
+
+def test_printable_shows_bytes_that_are_not_utf8():
+    name = os.fsdecode(b"caf\xe9.png")
+    assert printable(f"error: {name}") == "error: caf\\xe9.png"
+    assert printable("café") == "café"
+
+
 def test_atomic_path_files_follow_the_umask(tmp_path):
     previous = os.umask(0o022)
     try:
@@ -218,9 +286,76 @@ def test_collect_inputs_skips_excluded_folders(tmp_path):
     assert collect_inputs([tmp_path / "out" / "a.png"], exclude=[tmp_path / "out"]) == [tmp_path / "out" / "a.png"]
 
 
-def test_collect_inputs_missing_path(tmp_path):
-    with pytest.raises(ImageError, match="no such file or directory"):
-        collect_inputs([tmp_path / "nope"])
+def test_collect_inputs_keeps_named_paths_that_are_not_folders_to_be_reported(tmp_path):
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    (tmp_path / "x.png").mkdir()
+    (tmp_path / "x.png" / "inside.png").write_bytes(b"x")
+    named = [tmp_path / "nope", tmp_path / "loop.png", tmp_path / "x.png"]
+    assert collect_inputs(named) == named
+    assert _error(tmp_path / "nope").reason == "no such file"
+    assert "cannot read it (Too many levels of symbolic links)" == _error(tmp_path / "loop.png").reason
+    assert _error(tmp_path / "x.png").reason == "is a directory, not an image file"
+
+
+def test_collect_inputs_keeps_what_a_folder_holds_under_an_image_name_but_is_not_a_file(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "x.png").mkdir()
+    (tmp_path / "x.png" / "inside.png").write_bytes(b"x")  # a folder named like an image is not searched
+    (tmp_path / "broken.png").symlink_to("nowhere.png")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "loop.jpg").symlink_to("loop.jpg")
+    (tmp_path / "sub" / "not-an-image").mkdir()
+    assert collect_inputs([tmp_path]) == [tmp_path / "a.png", tmp_path / "broken.png", tmp_path / "sub" / "loop.jpg",
+                                          tmp_path / "x.png"]
+
+
+def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    assert _error(tmp_path / "pipe.png").reason == "not a regular file (a pipe, socket or device)"
+
+
+@pytest.mark.parametrize("suffix, options", [(".tif", {}), (".png", {"duration": 100}),
+                                             (".webp", {"duration": 100, "lossless": True})])
+def test_only_the_first_frame_is_used_and_that_is_said(tmp_path, suffix, options):
+    frames = [Image.new("RGB", (6, 4), (40 + 80 * i, 10, 200 - 60 * i)) for i in range(3)]
+    path = tmp_path / f"frames{suffix}"
+    frames[0].save(path, save_all=True, append_images=frames[1:], **options)
+    with pytest.warns(ImageWarning) as caught:
+        image = load_image(path)
+    assert np.array_equal(np.asarray(image), np.asarray(frames[0]))
+    assert [str(w.message) for w in caught] == [f"{path}: has 3 frames (a multi-page or animated image); "
+                                                "only the first is used"]
+
+
+def _damaged_exif() -> bytes:
+    # One IFD entry (tag 0x010F, Make) whose 100 bytes of data lie beyond the end of the block.
+    ifd = b"II*\x00" + struct.pack("<IHHHIII", 8, 1, 0x010F, 2, 100, 4000, 0)
+    return b"Exif\x00\x00" + ifd
+
+
+def test_pillow_warnings_about_damaged_exif_become_one_image_warning(tmp_path):
+    path = tmp_path / "camera.jpg"
+    _rgb().save(path, exif=_damaged_exif())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = load_image(path)
+    assert image.size == (12, 8)
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (ImageWarning, f"{path}: damaged metadata skipped (Tag data larger than file. Skipping tag 271)")]
+
+
+def test_image_warnings_hands_over_image_warnings_only(tmp_path):
+    path = tmp_path / "frames.tif"
+    Image.new("RGB", (4, 4)).save(path, save_all=True, append_images=[Image.new("RGB", (4, 4))])
+    notes = []
+    with warnings.catch_warnings(record=True) as outside:
+        warnings.simplefilter("always")
+        with image_warnings(notes.append):
+            load_image(path)
+            warnings.warn("unrelated", DeprecationWarning)
+    assert [str(note) for note in notes] == [f"{path}: has 2 frames (a multi-page or animated image); "
+                                             "only the first is used"]
+    assert [(w.category, str(w.message)) for w in outside] == [(DeprecationWarning, "unrelated")]
 
 
 def test_output_names_disambiguate_shared_stems():

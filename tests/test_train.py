@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import sr3_engine as sr3
 from sr3_engine.cli import train
+from sr3_engine.runtime import model_dir
 from sr3_engine.training import checkpoint, data
 from sr3_engine.training.trainer import KILL_AFTER_SAVE_ENV
 
@@ -93,6 +94,19 @@ def test_short_run_writes_a_loadable_model_and_a_log(images, tmp_path, capsys):
     assert all(np.isfinite([r["psnr"], r["ssim"], r["consistency"]]).all() for r in validations)
     assert [r["step"] for r in _records(out, "checkpoint")] == [2, 4]
     assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "model", "state.pt"]
+
+
+def test_the_conditioning_resampler_is_trained_with_and_saved(images, tmp_path, monkeypatch):
+    seen = []
+    real_condition = data.condition
+    monkeypatch.setattr(data, "condition", lambda *args, **kwargs: seen.append(kwargs) or real_condition(*args, **kwargs))
+    out = tmp_path / "run"
+    assert train.main(["--data", str(images), "--out", str(out), "--steps", "1", "--resampler", "pil-bicubic",
+                       *TINY]) == 0
+    assert seen and all(kwargs["resampler"] == "pil-bicubic" for kwargs in seen)
+    spec = model_dir.read_spec(out / checkpoint.MODEL_DIR)
+    assert spec.resampler == "pil-bicubic" and spec.train_schedule == sr3.ScheduleConfig("linear", 2000, 1e-6, 1e-2)
+    assert sr3.SR3Engine.from_pretrained(out / checkpoint.MODEL_DIR).resampler == "pil-bicubic"
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -219,3 +233,34 @@ def test_gaussian_blur_keeps_constant_images_and_mass():
     spike[..., 10, 10] = 1.0
     blurred = data.gaussian_blur(spike, 1.0)
     assert blurred.sum().item() == pytest.approx(1.0, abs=1e-6) and blurred.max().item() < 0.2
+
+
+def test_a_resumed_run_sweeps_the_temporaries_a_killed_one_left(images, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(["--data", str(images), "--out", str(out), "--steps", "1", *TINY]) == 0
+    (out / ".state.pt.0123abcd.tmp").write_bytes(b"half a state")
+    (out / ".log.jsonl.89abcdef.tmp").write_bytes(b"")
+    assert train.main(["--out", str(out), "--resume", "--steps", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "model", "state.pt"]
+
+
+def test_file_names_that_are_not_utf8_are_fingerprinted_and_printed(images, capsys):
+    try:
+        _gradient_image(9, size=16).save(images / os.fsdecode(b"caf\xe9.png"))
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    paths = data.usable_images(images, 32)
+    assert "skipped 2 image(s)" in capsys.readouterr().err  # capsys fails on a surrogate, as a UTF-8 terminal does
+    assert len(data.fingerprint(images, [*paths, images / os.fsdecode(b"caf\xe9.png")])) == 64
+    # Names that are UTF-8 keep the fingerprint that earlier checkpoints saved.
+    assert data.fingerprint(images, [images / "sub" / "4.png"]) == hashlib.sha256(b"sub/4.png\n").hexdigest()
+
+
+def test_a_multi_page_training_image_is_noted_once(tmp_path, capsys):
+    path = tmp_path / "pages.tif"
+    _gradient_image(0).save(path, save_all=True, append_images=[_gradient_image(1)])
+    dataset = data.CropDataset([path], 32, 4, seed=0)
+    for sample_id in range(3):
+        dataset[(sample_id, 0)]
+    assert capsys.readouterr().err == (f"sr3_engine: warning: {path}: has 2 frames (a multi-page or animated image); "
+                                       "only the first is used\n")

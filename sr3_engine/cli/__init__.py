@@ -11,11 +11,11 @@ import argparse
 from types import ModuleType
 from typing import Sequence
 
-from . import demo, evaluate, export, train, upscale
+from . import convert, demo, evaluate, export, train, upscale
 from .common import EXIT_USAGE
 
 COMMANDS: dict[str, ModuleType] = {"upscale": upscale, "train": train, "evaluate": evaluate, "export": export,
-                                   "demo": demo}
+                                   "convert": convert, "demo": demo}
 
 
 def _summary(module: ModuleType) -> str:

@@ -1,13 +1,27 @@
-"""What every command shares: exit codes, the usage error, the device and dtype spellings."""
+"""What every command shares: exit codes, the usage error, signals, the device, dtype and
+size spellings."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
+import signal
 import sys
+import threading
+from fractions import Fraction
+from typing import Callable
 
 import torch
 
+from ..io import printable
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# What a shell reports for a process that a signal ended: 128 + the signal's number.
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
+SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+# Appended to the engine's MemoryBudgetError message.
+TILE_HINT = "try --tile N with a smaller N, or a larger --max-memory"
 # The one spelling of precisions on the command line.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -16,14 +30,78 @@ class UsageError(Exception):
     """The command as given cannot run at all; the message is one line; exit code 2."""
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT (and, like it,
+    not an Exception, so no `except Exception` swallows it)."""
+
+
 def print_error(message: str) -> None:
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    print(f"error: {printable(' '.join(message.split()))}", file=sys.stderr)
+
+
+def run_until_stopped(command: Callable[[], int]) -> int:
+    """`command()`'s exit code. Ctrl-C (SIGINT) and SIGTERM stop it by raising in the main
+    thread, so that `finally` blocks and `io.atomic_path` clean up (no temporary file is
+    left) as they do for any error; the command then ends with one line and exit code 130 or
+    143 rather than a traceback. A SIGTERM disposition other than the default (ignored, or a
+    caller's own handler) is left alone, as is everything outside the main thread."""
+    owned = (threading.current_thread() is threading.main_thread()
+             and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    if owned:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return command()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        if owned:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer; got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0; got {text}")
+    return value
+
+
+def tile_pixels(input_pixels: int, scale: int) -> int | None:
+    """--tile and --tile-overlap count input pixels, 0 meaning automatic; the engine counts
+    output pixels, None meaning automatic."""
+    return input_pixels * scale if input_pixels else None
+
+
+def byte_size(text: str) -> int:
+    """A memory size in bytes: a plain number of bytes or a number with K, M, G or T
+    (powers of 1024; a trailing B or iB is allowed), e.g. 2G, 1500M, 0.5G, 512K."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)(?:i?B)?", text.strip(), flags=re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected bytes or a size such as 2G, 1500M, 512K; got {text!r}")
+    value = int(Fraction(match[1]) * SIZE_UNITS[match[2].upper()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte; got {text!r}")
     return value
 
 

@@ -6,7 +6,8 @@ model's output (--samples draws, seeds 0..K-1) and plain bicubic upsampling of t
 input. PSNR and SSIM are computed on RGB in [0, 255] (rounded to 8-bit levels), the
 consistency (SR3 section 4: MSE between the output downsampled by the training kernel and
 the input) on [0, 1]. Results go to a table on stdout, `results.json` and a contact sheet
-`contact_sheet.png` (LR nearest | bicubic | SR3 | HR, one row per image) under --out.
+`contact_sheet.png` (LR nearest | bicubic | SR3 | HR, one row per image) under --out. An
+image that cannot be decoded is skipped with a warning line and listed in results.json.
 
     python -m sr3_engine evaluate --model demo-x4 --data data/demo/val --scale 4 --steps 50
 """
@@ -24,14 +25,16 @@ import torch
 from PIL import Image, ImageDraw
 
 from .. import metrics, resize
-from ..io import atomic_path, one_line, save_png, tensor_to_pil
+from ..io import atomic_path, one_line, printable, save_png, tensor_to_pil
 from ..runtime.backends import ENGINE_BACKENDS, BackendUnavailableError
 from ..runtime.engine import SR3Engine
+from ..runtime.tiling import MemoryBudgetError
 from ..samplers import SAMPLERS, SamplerConfig
 from ..schedules import NoiseSchedule
-from ..training.data import DataError, load_centre_crops, make_lr, usable_images
-from .common import (DTYPES, EXIT_OK, EXIT_USAGE, UsageError, add_device_argument, add_dtype_argument, parse_device,
-                     print_error)
+from ..training.data import DataError, centre_crop, make_lr, print_warning, usable_images
+from .common import (DTYPES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, TILE_HINT, UsageError, add_device_argument,
+                     add_dtype_argument, byte_size, non_negative_int, parse_device, print_error, run_until_stopped,
+                     tile_pixels)
 
 SHEET_LABELS = ("LR (nearest)", "bicubic", "SR3", "HR")
 
@@ -64,13 +67,15 @@ def mean_scores(scores: Sequence[Scores]) -> Scores:
 
 
 def super_resolve(engine: SR3Engine, lr: torch.Tensor, *, samples: int, steps: int | None, batch_size: int,
-                  sampler: SamplerConfig | None = None, schedule: NoiseSchedule | None = None) -> list[torch.Tensor]:
-    """`samples` outputs for every image, draw k with a generator seeded k."""
+                  sampler: SamplerConfig | None = None, schedule: NoiseSchedule | None = None,
+                  tile: int | None = None, tile_overlap: int | None = None) -> list[torch.Tensor]:
+    """`samples` outputs for every image, draw k with a generator seeded k. `tile` and
+    `tile_overlap` are in output pixels (None: the engine's)."""
     draws = []
     for k in range(samples):
         generator = torch.Generator().manual_seed(k)
         chunks = [engine.sample(lr[i:i + batch_size], generator=generator, steps=steps, sampler=sampler,
-                                schedule=schedule)
+                                schedule=schedule, tile=tile, tile_overlap=tile_overlap)
                   for i in range(0, lr.shape[0], batch_size)]
         draws.append(torch.cat(chunks).cpu())
     return draws
@@ -78,15 +83,16 @@ def super_resolve(engine: SR3Engine, lr: torch.Tensor, *, samples: int, steps: i
 
 def evaluate(engine: SR3Engine, hr: torch.Tensor, names: Sequence[str], *, samples: int = 1,
              steps: int | None = None, batch_size: int = 4, sampler: SamplerConfig | None = None,
-             schedule: NoiseSchedule | None = None
+             schedule: NoiseSchedule | None = None, tile: int | None = None, tile_overlap: int | None = None
              ) -> tuple[list[ImageResult], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores for HR crops (N, 3, H, W) in [0, 1]; also returns the LR inputs, their bicubic
-    upsampling and the model's first draw. `sampler` and `schedule` override the engine's."""
+    upsampling and the model's first draw. `sampler`, `schedule`, `tile` and `tile_overlap`
+    (output pixels) override the engine's."""
     scale = engine.scale
     lr = make_lr(hr, scale)
     bicubic = resize.upsample(lr, scale).clamp(0.0, 1.0)
     draws = super_resolve(engine, lr, samples=samples, steps=steps, batch_size=batch_size, sampler=sampler,
-                          schedule=schedule)
+                          schedule=schedule, tile=tile, tile_overlap=tile_overlap)
     per_draw = [score(draw, hr, lr, scale) for draw in draws]
     bicubic_scores = score(bicubic, hr, lr, scale)
     results = [
@@ -120,7 +126,8 @@ def format_table(results: Sequence[ImageResult]) -> str:
     rows = [(r.name, r.model, r.bicubic) for r in results]
     rows.append(("mean", mean_scores([r.model for r in results]), mean_scores([r.bicubic for r in results])))
     for name, model, bicubic in rows:
-        lines.append(f"{name[:40]:<40} {model.psnr:9.2f} {bicubic.psnr:8.2f} {model.ssim:9.4f} {bicubic.ssim:8.4f} "
+        label = printable(name)[:40]
+        lines.append(f"{label:<40} {model.psnr:9.2f} {bicubic.psnr:8.2f} {model.ssim:9.4f} {bicubic.ssim:8.4f} "
                      f"{model.consistency:10.2e} {bicubic.consistency:10.2e}")
     return "\n".join(lines)
 
@@ -140,6 +147,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_device_argument(parser, default="cpu")
     add_dtype_argument(parser)
     parser.add_argument("--backend", choices=ENGINE_BACKENDS, default="eager", help="engine backend")
+    parser.add_argument("--tile", type=non_negative_int, default=0, metavar="N",
+                        help="sample in tiles of N x N LR pixels (default 0: automatic, as memory requires)")
+    parser.add_argument("--tile-overlap", type=non_negative_int, default=0, metavar="N",
+                        help="overlap of neighbouring tiles in LR pixels (default 0: automatic)")
+    parser.add_argument("--max-memory", type=byte_size, metavar="SIZE",
+                        help="denoiser working memory allowed, e.g. 2G, 1500M, 512K or bytes "
+                        "(default: a share of the free memory)")
     parser.add_argument("--out", type=Path, default=Path("evaluation"))
     args = parser.parse_args(argv)
     for name in ("samples", "crop", "batch_size"):
@@ -150,23 +164,59 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def load_crops(paths: Sequence[Path], size: int,
+               limit: int | None) -> tuple[list[torch.Tensor], list[Path], list[Path]]:
+    """Centre crops of the first `limit` images that decode, those images, and the ones that
+    did not (each reported with one warning line)."""
+    crops, used, skipped = [], [], []
+    for path in paths:
+        if limit is not None and len(used) == limit:
+            break
+        try:
+            crops.append(centre_crop(path, size))
+            used.append(path)
+        except DataError as error:
+            print_warning(f"{error}; skipped")
+            skipped.append(path)
+    return crops, used, skipped
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_until_stopped(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         engine = SR3Engine.from_pretrained(args.model, backend=args.backend, device=parse_device(args.device),
-                                           dtype=DTYPES[args.dtype], progress=False)
-        paths = usable_images(args.data, args.crop)[: args.max_images]
+                                           dtype=DTYPES[args.dtype], progress=False, max_memory=args.max_memory)
+        paths = usable_images(args.data, args.crop)
         if engine.scale != args.scale:
             raise UsageError(f"{args.model}: the model upscales x{engine.scale}, not x{args.scale}")
         sampler = engine.sampler_config(args.sampler, strength=args.strength)
-    except (OSError, ValueError, DataError, UsageError, BackendUnavailableError) as error:
+    except (OSError, ValueError, DataError, UsageError, BackendUnavailableError, MemoryError) as error:
         print_error(one_line(error))
         return EXIT_USAGE
 
     started = time.perf_counter()
-    hr = load_centre_crops(paths, args.crop)
-    results, lr, bicubic, first_draw = evaluate(engine, hr, [p.stem for p in paths], samples=args.samples,
-                                                steps=args.steps, batch_size=args.batch_size, sampler=sampler)
+    crops, paths, skipped = load_crops(paths, args.crop, args.max_images)
+    if not crops:
+        print_error(f"{args.data}: none of the images can be decoded")
+        return EXIT_USAGE
+    hr = torch.stack(crops)
+    try:
+        results, lr, bicubic, first_draw = evaluate(
+            engine, hr, [p.stem for p in paths], samples=args.samples, steps=args.steps, batch_size=args.batch_size,
+            sampler=sampler, tile=tile_pixels(args.tile, engine.scale),
+            tile_overlap=tile_pixels(args.tile_overlap, engine.scale))
+    except MemoryBudgetError as error:
+        print_error(f"{one_line(error)} ({TILE_HINT})")
+        return EXIT_FAILED
+    # The inputs are made here and valid; what the engine refuses is the flags (e.g. a tile overlap
+    # of half the tile or more).
+    except ValueError as error:
+        print_error(one_line(error))
+        return EXIT_USAGE
     seconds = time.perf_counter() - started
     print(format_table(results))
     print(f"PSNR and SSIM on RGB in [0, 255]; consistency is an MSE on [0, 1]. {len(paths)} images, "
@@ -183,8 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mean": {"model": dataclasses.asdict(mean_scores([r.model for r in results])),
                  "bicubic": dataclasses.asdict(mean_scores([r.bicubic for r in results]))},
         "images": [dataclasses.asdict(r) for r in results],
+        "skipped": [str(path) for path in skipped],
     }
     with atomic_path(args.out / "results.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'contact_sheet.png'}")
+    print(printable(f"wrote {args.out / 'results.json'} and {args.out / 'contact_sheet.png'}"))
     return EXIT_OK

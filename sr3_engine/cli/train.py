@@ -12,7 +12,9 @@ location, device, workers) may be given again with new values.
 The saved model holds the EMA weights with the short inference schedule (--sample-*):
 the network is conditioned on the noise level, not the step, so it samples well with far
 fewer steps than the training schedule has. training/checkpoint.py describes the output folder.
-Bad arguments or data end with one line `error: ...` and exit code 2.
+Bad arguments or data end with one line `error: ...` and exit code 2; Ctrl-C and SIGTERM with
+one line and exit codes 130 and 143, leaving no temporary file behind (those of a killed
+run are swept when the next one starts).
 """
 
 from __future__ import annotations
@@ -28,16 +30,18 @@ import torch.distributed as dist
 
 from .. import metrics
 from ..config import NAMED_UNET_CONFIGS, SCHEDULE_KINDS, ScheduleConfig, UNetConfig
+from ..io import sweep_temporaries
 from ..runtime import model_dir
+from ..resize import RESAMPLERS
 from ..schedules import NoiseSchedule
 from ..training import checkpoint as ckpt
 from ..training.data import DataError, fingerprint, load_centre_crops, print_warning, usable_images
 from ..training.trainer import AMP_DTYPES, Run, build_run, finish, start_processes, train_loop
-from .common import EXIT_OK, EXIT_USAGE, UsageError, parse_device, print_error
+from .common import EXIT_OK, EXIT_USAGE, UsageError, parse_device, print_error, run_until_stopped
 
 # Flags that define the run: resuming with a different value would be another run.
 RUN_DEFINING = ("config", "scale", "hr_size", "batch_size", "lr", "weight_decay", "warmup_steps", "ema_decay",
-                "loss", "seed", "grad_clip", "blur_sigma", "schedule", "schedule_steps", "beta_start",
+                "loss", "seed", "grad_clip", "blur_sigma", "resampler", "schedule", "schedule_steps", "beta_start",
                 "beta_end", "sample_steps", "sample_beta_start", "sample_beta_end")
 
 
@@ -68,6 +72,8 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     add("--loss", "l1", choices=("l1", "l2"), help="norm p of eq. 6")
     add("--grad-clip", 1.0, type=float, help="max global gradient norm; 0 disables clipping")
     add("--blur-sigma", 0.0, type=float, help="max sigma of a random Gaussian blur of the LR input; 0 = off")
+    add("--resampler", "bicubic", choices=RESAMPLERS, help="how the condition is upsampled; saved with the model "
+        "and used whenever it is served (pil-bicubic: Pillow's, on 8-bit levels)")
     add("--seed", 0, type=int, help="seeds every random choice of the run")
     add("--amp", "auto", choices=("auto", "none", "bf16", "fp16"), help="CUDA autocast (auto: bf16 on CUDA)")
     add("--device", "auto", help="cpu, cuda, cuda:N (auto: cuda when available; torchrun: cuda:LOCAL_RANK)")
@@ -214,16 +220,22 @@ def warn_if_data_changed(run: Run, state: dict[str, Any]) -> None:
 
 def start_log(run: Run) -> ckpt.JsonlLog | None:
     """Rank 0's log. Records after the step the run starts from (all of them for a fresh run)
-    come from a process that never reached its next checkpoint, and are dropped."""
+    come from a process that never reached its next checkpoint, and are dropped; so are the
+    temporary files and model directories a killed process left."""
     if not run.procs.is_main:
         return None
     run.out.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(run.out)
     model_dir.recover(run.out / ckpt.MODEL_DIR)
     ckpt.truncate_log(run.out / ckpt.LOG_FILE, run.step)
     return ckpt.JsonlLog(run.out / ckpt.LOG_FILE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_until_stopped(lambda: run(argv))
+
+
+def run(argv: Sequence[str] | None) -> int:
     try:
         train(list(argv) if argv is not None else None)
     except (UsageError, DataError, ckpt.CheckpointError) as error:

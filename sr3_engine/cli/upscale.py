@@ -3,13 +3,23 @@
     python -m sr3_engine upscale IN... -o OUTDIR --model DIR
 
 Built for unattended runs over folders of user images: a bad input costs one line on
-stderr (`error: <path>: <reason>`) and never the run, every output is written to a
-temporary name and renamed so a killed run leaves no half-written PNG, and the exit
-code tells a script what happened: 0 all written, 1 some inputs failed, 2 the command
-itself is unusable (bad flags, no inputs, a model that cannot be loaded).
+stderr (`error: <path>: <reason>`) and never the run, and the exit code tells a script
+what happened: 0 every input written (or skipped), 1 some inputs failed, 2 the command
+itself is unusable (bad flags, no usable input, an output that would replace an input, an
+output folder that cannot be written, a model that cannot be loaded), 130 after Ctrl-C,
+143 after SIGTERM.
 
 Each input becomes `OUTDIR/<stem>.png`; inputs sharing a stem get `<stem>-2.png`, ... in
 input order, decided over the whole input list so that ranks never collide.
+
+No file is ever lost or clobbered. An output that would be one of the inputs stops the
+command before anything runs. An output that already exists is refused for its input
+unless --overwrite; --skip-existing skips that input instead, which resumes a folder job.
+Each PNG is written to a temporary name, then linked to its final name, which fails if the
+name exists (with --overwrite: renamed over it), so of two processes sharing an output
+folder exactly one writes each name and the other reports the clash. Ctrl-C and SIGTERM
+delete the temporary file on the way out; the ones a SIGKILL leaves are swept by the next
+run (`io.sweep_temporaries`).
 
 Images are read twice: once up front, so that every bad file is reported before hours
 of sampling, and again batch by batch, so memory holds one batch rather than the folder.
@@ -31,23 +41,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..io import DEFAULT_MAX_PIXELS, ImageError, collect_inputs, load_image, one_line, output_names, save_png
+from ..io import (DEFAULT_MAX_PIXELS, ImageError, check_file, check_writable, collect_inputs, image_warnings,
+                  load_image, one_line, output_names, printable, save_png, sweep_temporaries)
 from ..runtime.backends import ENGINE_BACKENDS, BackendUnavailableError
 from ..runtime.engine import SR3Engine
+from ..runtime.tiling import MemoryBudgetError, check_tile
 from ..samplers import SAMPLERS, SamplerConfig
-from .common import (DTYPES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, add_device_argument, add_dtype_argument,
-                     parse_device, positive_int, print_error)
+from .common import (DTYPES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, TILE_HINT, UsageError, add_device_argument,
+                     add_dtype_argument, byte_size, non_negative_int, parse_device, positive_float, positive_int,
+                     print_error, run_until_stopped, tile_pixels)
 
 
 class Job(NamedTuple):
@@ -55,14 +67,33 @@ class Job(NamedTuple):
     output: Path
 
 
-Fail = Callable[[Job, str], None]
 Groups = dict[tuple[tuple[int, int], str], list[Job]]
 
 
-@dataclasses.dataclass
-class Tally:
-    written: int = 0
-    failed: int = 0
+class Report:
+    """What happened to each job: the counts, and the lines on stderr, which go through the
+    progress bar so that the two do not garble each other."""
+
+    def __init__(self, bar: tqdm):
+        self.bar = bar
+        self.written = self.skipped = self.failed = 0
+
+    def note(self, message: str) -> None:
+        tqdm.write(printable(f"note: {message}"), file=sys.stderr)
+
+    def fail(self, job: Job, reason: str) -> None:
+        tqdm.write(printable(f"error: {ImageError(job.source, reason)}"), file=sys.stderr)
+        self.failed += 1
+        self.bar.update(1)
+
+    def skip(self, job: Job) -> None:
+        self.note(f"{job.source}: skipped, {job.output} exists")
+        self.skipped += 1
+        self.bar.update(1)
+
+    def wrote(self) -> None:
+        self.written += 1
+        self.bar.update(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", metavar="IN", help="image files and folders (searched recursively)")
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR", help="output folder")
     parser.add_argument("--model", required=True, help="model directory or bundled model name")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace outputs that already exist (default: refuse those inputs)")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="skip inputs whose output already exists (resumes a folder job)")
     parser.add_argument("--steps", type=positive_int, help="sampling steps (default: the model's schedule)")
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), help="default: the model's sampler")
     parser.add_argument("--strength", type=float, help="fraction of the schedule run from the diffused input "
@@ -78,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=ENGINE_BACKENDS, default="eager", help="engine backend")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images of one size sampled together")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (see the module docs)")
+    parser.add_argument("--tile", type=non_negative_int, default=0, metavar="N",
+                        help="sample in tiles of N x N input pixels (default 0: automatic, as memory requires)")
+    parser.add_argument("--tile-overlap", type=non_negative_int, default=0, metavar="N",
+                        help="overlap of neighbouring tiles in input pixels (default 0: automatic)")
+    parser.add_argument("--max-memory", type=byte_size, metavar="SIZE",
+                        help="denoiser working memory allowed, e.g. 2G, 1500M, 512K or bytes "
+                        "(default: a share of the free memory)")
+    parser.add_argument("--outscale", type=positive_float, metavar="X",
+                        help="resize each output (LANCZOS) to X times its input's size (default: the model's scale)")
     add_device_argument(parser, default="cpu")
     add_dtype_argument(parser)
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
@@ -89,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_until_stopped(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         device = parse_device(args.device)
         with process_group(args.distributed, device) as (rank, world_size, local_rank):
@@ -129,38 +178,72 @@ def process_group(distributed: bool, device: torch.device) -> Iterator[tuple[int
 
 
 def upscale_all(args: argparse.Namespace, device: torch.device, rank: int, world_size: int) -> int:
-    jobs = plan_jobs(args.inputs, args.output)[rank::world_size]
+    planned = plan_jobs(args.inputs, args.output)
+    refuse_writing_over_inputs(planned)
+    check_output_folder(args.output)
     show_progress = not args.no_progress and rank == 0 and sys.stderr.isatty()
     engine = load_engine(args, device, show_progress)
     sampler = sampler_config(engine, args)
+    try:
+        check_tile(tile_pixels(args.tile, engine.scale), tile_pixels(args.tile_overlap, engine.scale),
+                   engine.size_multiple)
+    except ValueError as error:
+        raise UsageError(f"--tile {args.tile} --tile-overlap {args.tile_overlap}: {error} (in output pixels, "
+                         f"x{engine.scale})") from None
     make_output_folder(args.output)
-    announce_renames(jobs)
-    tally = Tally()
+    jobs = planned[rank::world_size]
     with tqdm(total=len(jobs), desc="upscaling", unit="image", disable=not show_progress) as bar:
-        def fail(job: Job, reason: str) -> None:
-            tqdm.write(f"error: {ImageError(job.source, reason)}", file=sys.stderr)
-            tally.failed += 1
-            bar.update(1)
-
-        for batch in batches(validate(jobs, args.max_pixels, fail), args.batch_size):
-            written = upscale_batch(engine, sampler, batch, args, fail)
-            tally.written += written
-            bar.update(written)
-    written, failed = sum_across_ranks(tally, device, args.distributed)
+        report = Report(bar)
+        announce_renames(jobs, report)
+        for batch in batches(validate(unclaimed(jobs, args, report), args.max_pixels, report), args.batch_size):
+            upscale_batch(engine, sampler, batch, args, report)
+    written, skipped, failed = sum_across_ranks(report, device, args.distributed)
     if rank == 0:
-        print(f"{written} written to {args.output}, {failed} failed")
+        skips = f", {skipped} skipped" if skipped else ""
+        print(printable(f"{written} written to {args.output}{skips}, {failed} failed"))
     return EXIT_FAILED if failed else EXIT_OK
 
 
 def plan_jobs(inputs: list[str], outdir: Path) -> list[Job]:
+    """A job per input; a UsageError when there is no input at all, or none is a file."""
     # Outputs of an earlier run inside an input folder are not inputs of this one.
-    try:
-        sources = collect_inputs(inputs, exclude=[outdir])
-    except ImageError as error:
-        raise UsageError(str(error)) from None
+    sources = collect_inputs(inputs, exclude=[outdir])
     if not sources:
         raise UsageError(f"no images found in {' '.join(inputs)} (extensions: png jpg jpeg webp tif tiff bmp)")
+    if not any(source.is_file() for source in sources):
+        # Each of them fails check_file; the first says why.
+        try:
+            check_file(sources[0])
+        except ImageError as error:
+            more = f" (and {len(sources) - 1} more input(s) that are not files)" if len(sources) > 1 else ""
+            raise UsageError(f"{error}{more}") from None
     return [Job(source, outdir / name) for source, name in zip(sources, output_names(sources))]
+
+
+def refuse_writing_over_inputs(jobs: list[Job]) -> None:
+    """`-o .` beside the photos would replace them with their upscaled versions."""
+    inputs = {}
+    for job in jobs:
+        with contextlib.suppress(OSError):
+            status = job.source.stat()
+            inputs[status.st_dev, status.st_ino] = job.source
+    for job in jobs:
+        try:
+            status = job.output.stat()
+        except OSError:
+            continue
+        source = inputs.get((status.st_dev, status.st_ino))
+        if source is not None:
+            raise UsageError(f"{job.output}: is the input {source}; writing there would replace it "
+                             "(choose another output folder)")
+
+
+def check_output_folder(outdir: Path) -> None:
+    """Before hours of sampling, not after them."""
+    try:
+        check_writable(outdir)
+    except OSError as error:
+        raise UsageError(f"{outdir}: cannot write in the output folder ({error.strerror or one_line(error)})") from None
 
 
 def make_output_folder(outdir: Path) -> None:
@@ -168,25 +251,48 @@ def make_output_folder(outdir: Path) -> None:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"{outdir}: cannot create the output folder ({error.strerror or error})") from None
+    sweep_temporaries(outdir)
 
 
-def announce_renames(jobs: list[Job]) -> None:
+def announce_renames(jobs: list[Job], report: Report) -> None:
     for job in jobs:
         if job.output.stem != job.source.stem:
-            print(f"note: {job.source} is written as {job.output} (another input has the stem "
-                  f"{job.source.stem!r})", file=sys.stderr)
+            report.note(f"{job.source} is written as {job.output} (another input has the stem {job.source.stem!r})")
+
+
+def unclaimed(jobs: list[Job], args: argparse.Namespace, report: Report) -> list[Job]:
+    """The jobs whose output does not exist yet (all of them with --overwrite); the others
+    are skipped or refused."""
+    if args.overwrite:
+        return jobs
+    pending = []
+    for job in jobs:
+        if os.path.lexists(job.output):
+            output_exists(job, args, report)
+        else:
+            pending.append(job)
+    return pending
+
+
+def output_exists(job: Job, args: argparse.Namespace, report: Report) -> None:
+    if args.skip_existing:
+        report.skip(job)
+    else:
+        report.fail(job, f"{job.output} already exists (--overwrite replaces it, --skip-existing skips such inputs)")
 
 
 def load_engine(args: argparse.Namespace, device: torch.device, show_progress: bool) -> SR3Engine:
     try:
         engine = SR3Engine.from_pretrained(args.model, backend=args.backend, device=device,
-                                           dtype=DTYPES[args.dtype], progress=show_progress)
+                                           dtype=DTYPES[args.dtype], progress=show_progress,
+                                           max_memory=args.max_memory)
     except BackendUnavailableError as error:
         raise UsageError(f"--backend {args.backend}: {error}") from None
     except (OSError, ValueError) as error:
         raise UsageError(one_line(error)) from None
-    # load_state_dict reports weights that do not fit the config as a multi-line RuntimeError.
-    except (RuntimeError, TypeError) as error:
+    # load_state_dict reports weights that do not fit the config as a multi-line RuntimeError;
+    # a config that asks for a network larger than memory fails while it is built.
+    except (RuntimeError, TypeError, MemoryError) as error:
         raise UsageError(f"{args.model}: cannot load the model ({one_line(error)})") from None
     if args.steps is not None:
         try:
@@ -204,15 +310,16 @@ def sampler_config(engine: SR3Engine, args: argparse.Namespace) -> SamplerConfig
         raise UsageError(f"--strength: {error}") from None
 
 
-def validate(jobs: list[Job], max_pixels: int, fail: Fail) -> Groups:
-    """Decode every input once, reporting the bad ones; the good ones grouped by
-    (size, mode) in order of first appearance."""
+def validate(jobs: list[Job], max_pixels: int, report: Report) -> Groups:
+    """Decode every input once, reporting the bad ones and the notes about the good ones;
+    the good ones grouped by (size, mode) in order of first appearance."""
     groups: Groups = {}
     for job in jobs:
         try:
-            image = load_image(job.source, max_pixels)
+            with image_warnings(lambda warning: report.note(str(warning))):
+                image = load_image(job.source, max_pixels)
         except ImageError as error:
-            fail(job, error.reason)
+            report.fail(job, error.reason)
             continue
         groups.setdefault((image.size, image.mode), []).append(job)
     return groups
@@ -225,46 +332,67 @@ def batches(groups: Groups, batch_size: int) -> Iterator[list[Job]]:
 
 
 def upscale_batch(engine: SR3Engine, sampler: SamplerConfig, batch: list[Job], args: argparse.Namespace,
-                  fail: Fail) -> int:
-    """Sample one batch and write its PNGs; returns how many were written."""
+                  report: Report) -> None:
+    """Sample one batch and write its PNGs."""
     loaded: list[tuple[Job, Image.Image]] = []
     for job in batch:
         try:
-            loaded.append((job, load_image(job.source, args.max_pixels)))
+            # `validate` printed the notes about this image already.
+            with image_warnings(lambda warning: None):
+                loaded.append((job, load_image(job.source, args.max_pixels)))
         except ImageError as error:
-            fail(job, error.reason)
+            report.fail(job, error.reason)
     if not loaded:
-        return 0
+        return
     generator = torch.Generator().manual_seed(batch_seed(args.seed, loaded[0][0].output.name))
     try:
         outputs = engine.upscale([image for _, image in loaded], generator=generator, steps=args.steps,
-                                 sampler=sampler, batch_size=len(loaded))
-    except (FloatingPointError, RuntimeError, ValueError) as error:
+                                 sampler=sampler, batch_size=len(loaded), tile=tile_pixels(args.tile, engine.scale),
+                                 tile_overlap=tile_pixels(args.tile_overlap, engine.scale))
+    except MemoryBudgetError as error:
         for job, _ in loaded:
-            fail(job, f"sampling failed ({one_line(error)})")
-        return 0
-    written = 0
-    for (job, _), output in zip(loaded, outputs):
+            report.fail(job, f"{one_line(error)} ({TILE_HINT})")
+        return
+    except (FloatingPointError, RuntimeError, ValueError, MemoryError) as error:
+        for job, _ in loaded:
+            report.fail(job, f"sampling failed ({one_line(error)})")
+        return
+    for (job, image), output in zip(loaded, outputs):
+        if args.outscale is not None:
+            output = outscaled(output, image.size, args.outscale)
         try:
-            save_png(output, job.output)
-        except OSError as error:
-            fail(job, f"cannot write {job.output} ({error.strerror or one_line(error)})")
+            save_png(output, job.output, overwrite=args.overwrite)
+        except FileExistsError:
+            # Another process wrote it since `unclaimed` looked.
+            output_exists(job, args, report)
             continue
-        written += 1
-    return written
+        except OSError as error:
+            report.fail(job, f"cannot write {job.output} ({error.strerror or one_line(error)})")
+            continue
+        report.wrote()
+
+
+def outscaled(image: Image.Image, input_size: tuple[int, int], outscale: float) -> Image.Image:
+    """The model's output resized to round(outscale x the input's size), as Real-ESRGAN's
+    --outscale does."""
+    size = (max(1, round(outscale * input_size[0])), max(1, round(outscale * input_size[1])))
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 def batch_seed(seed: int, name: str) -> int:
-    """A 63-bit seed from (--seed, output name): distinct names get unrelated streams."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    """A 63-bit seed from (--seed, output name): distinct names get unrelated streams. The
+    name is taken as the bytes it has on disk, which need not be UTF-8."""
+    digest = hashlib.sha256(b"%d:%s" % (seed, os.fsencode(name))).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def sum_across_ranks(tally: Tally, device: torch.device, distributed: bool) -> tuple[int, int]:
+def sum_across_ranks(report: Report, device: torch.device, distributed: bool) -> tuple[int, int, int]:
+    """(written, skipped, failed) over every rank."""
+    counts = (report.written, report.skipped, report.failed)
     if not distributed:
-        return tally.written, tally.failed
+        return counts
     import torch.distributed as dist
 
-    counts = torch.tensor([tally.written, tally.failed], dtype=torch.int64, device=device)
-    dist.all_reduce(counts)
-    return int(counts[0]), int(counts[1])
+    total = torch.tensor(counts, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total[0]), int(total[1]), int(total[2])

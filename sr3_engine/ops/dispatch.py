@@ -26,6 +26,8 @@ OP_BACKENDS = ("native", "triton", "cpp")
 OPS = ("group_norm_silu", "posterior_step")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (torch.float32, *HALF_DTYPES)
+# The native backend also runs float64, so whole models can be compared with a float64 reference.
+NATIVE_DTYPES = (*FLOAT_DTYPES, torch.float64)
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "native"), "cpu": ("cpp", "native")}
 
 Predicate = Callable[[torch.Tensor], "str | None"]
@@ -69,8 +71,9 @@ def why_unavailable(op: str, backend: str, x: torch.Tensor) -> str | None:
     implementation = _REGISTRY[op].get(backend)
     if implementation is None:
         return _UNAVAILABLE_REASONS.get(backend, f"{op} has no {backend} implementation")
-    if x.dtype not in FLOAT_DTYPES:
-        return f"dtype {x.dtype} is not supported (float32, float16, bfloat16)"
+    allowed = NATIVE_DTYPES if backend == "native" else FLOAT_DTYPES
+    if x.dtype not in allowed:
+        return f"dtype {x.dtype} is not supported ({', '.join(str(d).removeprefix('torch.') for d in allowed)})"
     return implementation.why_not(x) if implementation.why_not is not None else None
 
 

@@ -41,8 +41,8 @@ def group_norm_silu_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor |
 def check_arguments(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                     pre_bias: torch.Tensor | None, *, op: str = "group_norm_silu") -> None:
     """The rules every backend shares; a bad argument raises a one-line ValueError."""
-    if x.dtype not in dispatch.FLOAT_DTYPES:
-        raise ValueError(f"{op}: x has dtype {x.dtype}; expected float32, float16 or bfloat16")
+    if x.dtype not in dispatch.NATIVE_DTYPES:
+        raise ValueError(f"{op}: x has dtype {x.dtype}; expected float32, float16, bfloat16 or float64")
     if x.dim() != 4:
         raise ValueError(f"{op}: expected a 4-D (B, C, H, W) tensor; got shape {tuple(x.shape)}")
     batch, channels = x.shape[:2]

@@ -37,8 +37,8 @@ def check_arguments(y_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | 
     for name, tensor in (("y_t", y_t), ("eps", eps), ("noise", noise), ("out", out)):
         if tensor is None:
             continue
-        if tensor.dtype not in dispatch.FLOAT_DTYPES:
-            raise ValueError(f"{op}: {name} has dtype {tensor.dtype}; expected float32, float16 or bfloat16")
+        if tensor.dtype not in dispatch.NATIVE_DTYPES:
+            raise ValueError(f"{op}: {name} has dtype {tensor.dtype}; expected float32, float16, bfloat16 or float64")
         if tensor.shape != y_t.shape:
             raise ValueError(f"{op}: {name} has shape {tuple(tensor.shape)}; it must match y_t's {tuple(y_t.shape)}")
         if tensor.device != y_t.device:

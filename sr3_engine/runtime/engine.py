@@ -1,9 +1,12 @@
-"""SR3Engine: low-res images in, super-resolved images out.
+"""SR3Engine: low-res images in, super-resolved images out, in bounded memory.
 
 The public API works on images in [0, 1]; inside, images live in [-1, 1]. The low-res
 input becomes the condition x_up (`diffusion.condition`), then the reverse process runs
 with the engine's schedule and sampler through `samplers.sample_with`, the path the public
 `sr3_engine.sample` takes too, with the engine backend running the plan.
+
+Large images are sampled in tiles (runtime/tiling.py) when the denoiser's working memory
+for the whole image would exceed the budget (`max_memory`), or when `tile` asks for it.
 
 An engine is configured once, at construction, and never changes afterwards: its
 attributes are read-only, and every per-call choice (steps, schedule, sampler) is an
@@ -13,6 +16,7 @@ argument of `sample` and `upscale`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,10 +29,12 @@ from tqdm.auto import tqdm
 from ..config import UNetConfig
 from ..diffusion import condition, output_image
 from ..io import has_alpha, pil_to_tensor, tensor_to_pil, to_rgb_or_rgba
+from ..resize import RESAMPLERS
 from ..samplers import SamplerConfig, StepCallback, make_plan, sample_with
 from ..schedules import NoiseSchedule
 from . import model_dir
 from .backends import create_backend
+from .tiling import TileGrid, default_budget, plan_tiles
 
 ENGINE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -50,11 +56,20 @@ class SR3Engine:
     def __init__(self, model: nn.Module, schedule: NoiseSchedule | None = None, scale: int = 4, *,
                  backend: str = "eager", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, sampler: str | SamplerConfig = "ancestral",
-                 progress: bool = True, op_backend: str = "auto", backend_options: dict[str, Any] | None = None):
+                 progress: bool = True, op_backend: str = "auto", backend_options: dict[str, Any] | None = None,
+                 tile: int | None = None, tile_overlap: int | None = None, max_memory: int | None = None,
+                 resampler: str = "bicubic"):
         if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
             raise ValueError(f"SR3Engine: scale must be a positive integer; got {scale!r}")
         if dtype not in ENGINE_DTYPES:
             raise ValueError(f"SR3Engine: dtype must be one of {ENGINE_DTYPES}; got {dtype}")
+        for name, value in (("tile", tile), ("tile_overlap", tile_overlap), ("max_memory", max_memory)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"SR3Engine: {name} must be a non-negative integer or None; got {value!r}")
+        self._tile, self._tile_overlap, self._max_memory = tile, tile_overlap, max_memory
+        if resampler not in RESAMPLERS:
+            raise ValueError(f"SR3Engine: resampler must be one of {RESAMPLERS}; got {resampler!r}")
+        self._resampler = resampler
         self._schedule = schedule if schedule is not None else default_schedule()
         self._scale = scale
         self._sampler = sampler if isinstance(sampler, SamplerConfig) else SamplerConfig(name=sampler)
@@ -72,6 +87,11 @@ class SR3Engine:
     progress = property(lambda self: self._progress, doc="Whether sampling shows a progress bar.")
     model = property(lambda self: self._model, doc="The module the engine was given.")
     backend = property(lambda self: self._backend, doc="The engine backend that runs the plan.")
+    tile = property(lambda self: self._tile, doc="Default tile side in output pixels; None: automatic.")
+    tile_overlap = property(lambda self: self._tile_overlap, doc="Default tile overlap; None: automatic.")
+    resampler = property(lambda self: self._resampler, doc="How the condition is upsampled (resize.RESAMPLERS).")
+    max_memory = property(lambda self: self._max_memory,
+                          doc="Bytes of denoiser working memory allowed; None: a share of free memory.")
 
     @property
     def size_multiple(self) -> int:
@@ -94,6 +114,18 @@ class SR3Engine:
         """The schedule a call with these overrides uses."""
         schedule = schedule if schedule is not None else self._schedule
         return schedule.respaced(steps) if steps is not None else schedule
+
+    def tile_grid(self, batch: int, size: tuple[int, int], *, tile: int | None = None,
+                  tile_overlap: int | None = None) -> TileGrid | None:
+        """How a (batch, 3, *size) condition (output pixels, padded to the size multiple) is
+        tiled, or None when it runs whole; `tile` and `tile_overlap` override the engine's."""
+        config = getattr(self._model, "config", None)
+        budget = self._max_memory if self._max_memory is not None else default_budget(self._device)
+        most_tiles, largest_side = self._backend.tile_limits
+        return plan_tiles(config if isinstance(config, UNetConfig) else None, batch, size, self._dtype.itemsize,
+                          budget, tile=tile if tile is not None else self._tile,
+                          overlap=tile_overlap if tile_overlap is not None else self._tile_overlap,
+                          multiple=self.size_multiple, max_tiles_per_call=most_tiles, max_side=largest_side)
 
     def _validate(self, lr: Any) -> torch.Tensor:
         if not isinstance(lr, torch.Tensor):
@@ -118,18 +150,21 @@ class SR3Engine:
 
     def sample(self, lr: torch.Tensor, *, generator: torch.Generator | None = None, steps: int | None = None,
                schedule: NoiseSchedule | None = None, sampler: str | SamplerConfig | None = None,
-               callback: StepCallback | None = None) -> torch.Tensor:
+               callback: StepCallback | None = None, tile: int | None = None,
+               tile_overlap: int | None = None) -> torch.Tensor:
         """(B, 3, h, w) in [0, 1] -> (B, 3, h*scale, w*scale) in [0, 1], float32, on lr's device.
 
         `steps` respaces the schedule to that many steps; `schedule` replaces it for this call;
-        `sampler` is a name or a SamplerConfig (see `sampler_config`). The same generator seed
-        gives the same output.
+        `sampler` is a name or a SamplerConfig (see `sampler_config`); `tile` and `tile_overlap`
+        (output pixels) override the engine's tiling. The same generator seed gives the same
+        output. Raises MemoryBudgetError when even the smallest tile exceeds the budget.
         """
         lr = self._validate(lr)
         schedule = self.schedule_for(steps, schedule)
         config = self.sampler_config(sampler)
-        x_up = condition(lr.to(self._device, torch.float32), self._scale, self.size_multiple)
+        x_up = condition(lr.to(self._device, torch.float32), self._scale, self.size_multiple, self._resampler)
         height, width = lr.shape[-2] * self._scale, lr.shape[-1] * self._scale
+        grid = self.tile_grid(x_up.shape[0], tuple(x_up.shape[-2:]), tile=tile, tile_overlap=tile_overlap)
 
         steps_run = make_plan(schedule, config).num_steps
         with tqdm(total=steps_run, desc="sampling", unit="step", disable=not self._progress, leave=False) as bar:
@@ -138,15 +173,18 @@ class SR3Engine:
                 if callback is not None:
                     callback(i, total, y)
 
-            y0 = sample_with(self._backend.run, x_up, schedule, config, generator=generator, callback=on_step)
+            run = functools.partial(self._backend.run, tiles=grid)
+            y0 = sample_with(run, x_up, schedule, config, generator=generator, callback=on_step)
         y0 = y0[..., :height, :width]
         return output_image(y0).to(lr.device)
 
     def upscale(self, images: Sequence[Image.Image], *, generator: torch.Generator | None = None,
                 steps: int | None = None, schedule: NoiseSchedule | None = None,
-                sampler: str | SamplerConfig | None = None, batch_size: int = 8) -> list[Image.Image]:
+                sampler: str | SamplerConfig | None = None, batch_size: int = 8, tile: int | None = None,
+                tile_overlap: int | None = None) -> list[Image.Image]:
         """PIL images in, PIL images `scale` times larger out, in the same order. Images of one
-        size are sampled together; an alpha channel is upscaled bicubically and re-attached."""
+        size are sampled together; an alpha channel is upscaled bicubically and re-attached.
+        The other arguments are those of `sample`."""
         if batch_size < 1:
             raise ValueError(f"SR3Engine.upscale: batch_size must be positive; got {batch_size}")
         results: list[Image.Image | None] = [None] * len(images)
@@ -157,7 +195,8 @@ class SR3Engine:
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
                 lr = torch.stack([pil_to_tensor(images[i]) for i in chunk])
-                hr = self.sample(lr, generator=generator, steps=steps, schedule=schedule, sampler=sampler)
+                hr = self.sample(lr, generator=generator, steps=steps, schedule=schedule, sampler=sampler, tile=tile,
+                                 tile_overlap=tile_overlap)
                 for i, out in zip(chunk, hr):
                     results[i] = _with_alpha(images[i], tensor_to_pil(out))
         return results  # type: ignore[return-value]
@@ -168,7 +207,7 @@ class SR3Engine:
         config = getattr(self._model, "config", None)
         if not isinstance(config, UNetConfig):
             raise TypeError("SR3Engine.save_pretrained: only SR3UNet models (with a UNetConfig) can be saved")
-        spec = model_dir.ModelSpec(config, self._schedule.config, self._sampler, self._scale)
+        spec = model_dir.ModelSpec(config, self._schedule.config, self._sampler, self._scale, self._resampler)
         return model_dir.write(directory, self._model.state_dict(), spec, weights_dtype=weights_dtype)
 
     @classmethod
@@ -178,6 +217,7 @@ class SR3Engine:
         """Load a model directory (see `runtime.model_dir`) or a bundled model's name."""
         model, spec = model_dir.load(name_or_path)
         engine_kwargs.setdefault("sampler", spec.sampler)
+        engine_kwargs.setdefault("resampler", spec.resampler)
         return cls(model, NoiseSchedule.from_config(spec.schedule), spec.scale, backend=backend, device=device,
                    dtype=dtype, **engine_kwargs)
 

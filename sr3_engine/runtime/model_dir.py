@@ -2,7 +2,10 @@
 
     config.json        {"format": "sr3_engine", "format_version": 1, "model": UNetConfig,
                         "schedule": ScheduleConfig (the default inference schedule),
-                        "sampler": SamplerConfig (the default sampler), "scale": int}
+                        "sampler": SamplerConfig (the default sampler), "scale": int,
+                        "resampler": the conditioning upsampler (resize.RESAMPLERS; absent:
+                        "bicubic", what every earlier directory was trained with),
+                        "train_schedule": ScheduleConfig the model was trained with (optional)}
     model.safetensors  the U-Net's state_dict (any float dtype; loaded into float32)
 
 The engine (`from_pretrained`/`save_pretrained`), training checkpoints, export and the
@@ -29,6 +32,7 @@ from safetensors.torch import load_file, save
 
 from ..config import ScheduleConfig, UNetConfig
 from ..io import atomic_path, one_line
+from ..resize import RESAMPLERS
 from ..samplers import SamplerConfig
 from ..unet import SR3UNet
 
@@ -49,10 +53,14 @@ class ModelSpec:
     schedule: ScheduleConfig
     sampler: SamplerConfig
     scale: int
+    resampler: str = "bicubic"
+    train_schedule: ScheduleConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.scale, bool) or not isinstance(self.scale, int) or not 1 <= self.scale <= MAX_SCALE:
             raise ValueError(f"scale must be an integer in [1, {MAX_SCALE}]; got {self.scale!r}")
+        if self.resampler not in RESAMPLERS:
+            raise ValueError(f"resampler must be one of {RESAMPLERS}; got {self.resampler!r}")
 
     def to_document(self) -> dict[str, Any]:
         return {
@@ -62,6 +70,8 @@ class ModelSpec:
             "schedule": self.schedule.to_dict(),
             "sampler": self.sampler.to_dict(),
             "scale": self.scale,
+            "resampler": self.resampler,
+            **({"train_schedule": self.train_schedule.to_dict()} if self.train_schedule is not None else {}),
         }
 
 
@@ -76,6 +86,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path)
     if path.is_dir():
         return path
+    if path.is_file() and path.suffix in (".pth", ".pt"):
+        raise ValueError(f"{path}: a PyTorch checkpoint, not a model directory; convert it first: python -m "
+                         f"sr3_engine convert {path} --config THEIR_CONFIG.json --out {path.with_suffix('')}")
     if isinstance(name_or_path, str) and (ASSETS_DIR / name_or_path / CONFIG_FILE).is_file():
         return ASSETS_DIR / name_or_path
     raise FileNotFoundError(
@@ -94,13 +107,19 @@ def read_spec(directory: Path) -> ModelSpec:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: not an sr3_engine model config (no \"format\": \"{FORMAT_NAME}\")")
-    if document.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path}: written by a newer sr3_engine (format {document['format_version']})")
+    version = document.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{path}: format_version must be an integer; got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: written by a newer sr3_engine (format {version})")
     for key in ("model", "schedule", "scale"):
         if key not in document:
             raise ValueError(f"{path}: missing the {key!r} entry")
     parts: dict[str, Any] = {}
-    for key, kind in (("model", UNetConfig), ("schedule", ScheduleConfig), ("sampler", SamplerConfig)):
+    for key, kind in (("model", UNetConfig), ("schedule", ScheduleConfig), ("sampler", SamplerConfig),
+                      ("train_schedule", ScheduleConfig)):
+        if key == "train_schedule" and key not in document:
+            continue
         entry = document.get(key, {})
         if not isinstance(entry, Mapping):
             raise ValueError(f"{path}: {key}: expected a JSON object; got {type(entry).__name__}")
@@ -109,7 +128,7 @@ def read_spec(directory: Path) -> ModelSpec:
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: {key}: {one_line(error)}") from None
     try:
-        return ModelSpec(scale=document["scale"], **parts)
+        return ModelSpec(scale=document["scale"], resampler=document.get("resampler", "bicubic"), **parts)
     except ValueError as error:
         raise ValueError(f"{path}: {one_line(error)}") from None
 

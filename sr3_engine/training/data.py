@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sys
+import warnings
 import zlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +36,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import resize
 from ..diffusion import condition
-from ..io import DEFAULT_MAX_PIXELS, INPUT_EXTENSIONS, INPUT_FORMATS, ImageError, load_image, pil_to_tensor
+from ..io import (DEFAULT_MAX_PIXELS, INPUT_EXTENSIONS, INPUT_FORMATS, ImageError, image_warnings, load_image,
+                  pil_to_tensor, printable)
 
 EXIF_ORIENTATION = 0x0112
 # EXIF orientations that rotate by 90 degrees, swapping width and height.
@@ -86,24 +89,29 @@ def usable_images(root: Path, min_size: int, *, warn: bool = True) -> list[Path]
 
 
 def fingerprint(root: Path, paths: Sequence[Path]) -> str:
-    """A digest of the image list: the sample stream of a run is defined by it."""
+    """A digest of the image list: the sample stream of a run is defined by it. Names are
+    taken as the bytes they have on disk, which need not be UTF-8."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(f"{path.relative_to(root).as_posix()}\n".encode())
+        digest.update(os.fsencode(path.relative_to(root).as_posix()) + b"\n")
     return digest.hexdigest()
 
 
 def print_warning(message: str) -> None:
-    print(f"sr3_engine: warning: {message}", file=sys.stderr)
+    print(printable(f"sr3_engine: warning: {message}"), file=sys.stderr)
 
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) of the upright image (EXIF orientation applied) from its header.
     Raises DataError for files that `io.load_image` would refuse by format or size."""
     try:
-        with Image.open(path, formats=INPUT_FORMATS) as image:
-            width, height = image.size
-            orientation = image.getexif().get(EXIF_ORIENTATION)
+        # Pillow reports damaged EXIF data as bare UserWarnings; `load_image` notes them once
+        # the image is decoded, as one line naming the file.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            with Image.open(path, formats=INPUT_FORMATS) as image:
+                width, height = image.size
+                orientation = image.getexif().get(EXIF_ORIENTATION)
     # Pillow's header parsers raise many exception types on malformed files (OSError,
     # SyntaxError, struct.error, DecompressionBombError, ...); each means "unusable".
     except Exception as error:
@@ -113,23 +121,27 @@ def image_size(path: Path) -> tuple[int, int]:
     return (height, width) if orientation in TRANSPOSING_ORIENTATIONS else (width, height)
 
 
-def load_crop(path: Path, top: int, left: int, size: int) -> torch.Tensor:
+def load_crop(path: Path, top: int, left: int, size: int, *,
+              note: Callable[[str], object] = print_warning) -> torch.Tensor:
     """The size x size RGB crop at (top, left) of the upright image, as a (3, size, size)
-    float32 tensor in [0, 1]."""
+    float32 tensor in [0, 1]. What `load_image` warns about the file goes to `note`."""
     try:
-        image = load_image(path)
+        with image_warnings(lambda warning: note(str(warning))):
+            image = load_image(path)
     except ImageError as error:
         raise DataError(str(error)) from None
     return pil_to_tensor(image.crop((left, top, left + size, top + size)))
 
 
+def centre_crop(path: Path, size: int) -> torch.Tensor:
+    """The centre size x size crop of an image, (3, size, size) in [0, 1]."""
+    width, height = image_size(path)
+    return load_crop(path, (height - size) // 2, (width - size) // 2, size)
+
+
 def load_centre_crops(paths: Sequence[Path], size: int) -> torch.Tensor:
     """Centre crops of every image, stacked as (N, 3, size, size) in [0, 1]."""
-    crops = []
-    for path in paths:
-        width, height = image_size(path)
-        crops.append(load_crop(path, (height - size) // 2, (width - size) // 2, size))
-    return torch.stack(crops)
+    return torch.stack([centre_crop(path, size) for path in paths])
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -158,13 +170,15 @@ class CropDataset(Dataset):
     """Maps a key (sample_id, image_index) to (x_up, y0), each (3, hr_size, hr_size) in [-1, 1].
     Crop position, flip and blur sigma come from a generator seeded by (seed, sample_id)."""
 
-    def __init__(self, paths: Sequence[Path], hr_size: int, scale: int, seed: int, blur_sigma: float = 0.0):
+    def __init__(self, paths: Sequence[Path], hr_size: int, scale: int, seed: int, blur_sigma: float = 0.0,
+                 resampler: str = "bicubic"):
         self.paths = list(paths)
         self.hr_size = hr_size
         self.scale = scale
         self.seed = seed
         self.blur_sigma = blur_sigma
-        self._reported: set[Path] = set()
+        self.resampler = resampler
+        self._reported: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -179,10 +193,14 @@ class CropDataset(Dataset):
             try:
                 return self._pair(path, rng)
             except DataError as error:
-                if path not in self._reported:
-                    self._reported.add(path)
-                    print_warning(f"{error}; using the next image instead")
+                self._warn_once(f"{error}; using the next image instead")
         raise DataError(f"{self.paths[0].parent}: none of the {len(self.paths)} training images can be decoded")
+
+    def _warn_once(self, message: str) -> None:
+        # Every image is loaded many times over a run; its problems are worth one line each.
+        if message not in self._reported:
+            self._reported.add(message)
+            print_warning(message)
 
     def _pair(self, path: Path, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         width, height = image_size(path)
@@ -190,10 +208,10 @@ class CropDataset(Dataset):
         left = int(rng.integers(0, width - self.hr_size + 1))
         flip = bool(rng.random() < 0.5)
         sigma = float(rng.uniform(0.0, self.blur_sigma)) if self.blur_sigma > 0.0 else 0.0
-        hr = load_crop(path, top, left, self.hr_size)[None]
+        hr = load_crop(path, top, left, self.hr_size, note=self._warn_once)[None]
         if flip:
             hr = hr.flip(-1)
-        x_up = condition(make_lr(hr, self.scale, sigma), self.scale)
+        x_up = condition(make_lr(hr, self.scale, sigma), self.scale, resampler=self.resampler)
         return x_up[0], hr[0] * 2.0 - 1.0
 
 

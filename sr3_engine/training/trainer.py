@@ -203,7 +203,8 @@ def mean_over_ranks(value: torch.Tensor, procs: Processes) -> float:
 
 def model_spec(run: Run) -> model_dir.ModelSpec:
     """What the saved model directory says: the inference schedule and the default sampler."""
-    return model_dir.ModelSpec(run.config, run.inference_schedule.config, SamplerConfig(), run.args.scale)
+    return model_dir.ModelSpec(run.config, run.inference_schedule.config, SamplerConfig(), run.args.scale,
+                               run.args.resampler, run.train_schedule.config)
 
 
 def validate(run: Run, hr: torch.Tensor) -> dict[str, float]:
@@ -212,7 +213,7 @@ def validate(run: Run, hr: torch.Tensor) -> dict[str, float]:
     scale = run.args.scale
     lr = make_lr(hr, scale)
     generator = torch.Generator().manual_seed(derive_seed(run.args.seed, "validation"))
-    x_up = condition(lr.to(run.procs.device), scale, run.config.size_multiple)
+    x_up = condition(lr.to(run.procs.device), scale, run.config.size_multiple, run.args.resampler)
     with torch.inference_mode():
         y0 = sample(run.ema, x_up, run.inference_schedule, model_spec(run).sampler, generator=generator)
     sr = output_image(y0[..., :hr.shape[-2], :hr.shape[-1]]).to(hr.device)
@@ -255,7 +256,7 @@ def is_due(step: int, every: int, last: int) -> bool:
 
 def batches(run: Run, paths: list[Path]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     args, procs = run.args, run.procs
-    dataset = CropDataset(paths, args.hr_size, args.scale, args.seed, args.blur_sigma)
+    dataset = CropDataset(paths, args.hr_size, args.scale, args.seed, args.blur_sigma, args.resampler)
     sampler = StreamBatchSampler(len(paths), args.batch_size, args.seed, rank=procs.rank,
                                  world_size=procs.world_size, start_position=run.data_position)
     workers = args.num_workers

@@ -1,10 +1,13 @@
+"""What every engine backend is, and the one eager run that all but the fused CUDA path share."""
+
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
-from ...samplers import SamplingPlan, StepCallback
+from ...samplers import SamplingPlan, StepCallback, run_plan
+from ..tiling import TileGrid, TiledDenoiser
 
 
 class BackendUnavailableError(RuntimeError):
@@ -12,9 +15,24 @@ class BackendUnavailableError(RuntimeError):
 
 
 class Backend(Protocol):
+    """`run` applies a whole plan; with `tiles` the denoiser runs on that grid's tiles, blended
+    every step. `tile_limits` is (most tiles per denoiser call, largest tile side) or Nones."""
+
     name: str
     device: torch.device
     dtype: torch.dtype
+    tile_limits: tuple[int | None, int | None]
 
     def run(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,
-            generator: torch.Generator | None, callback: StepCallback | None) -> torch.Tensor: ...
+            generator: torch.Generator | None, callback: StepCallback | None,
+            tiles: TileGrid | None = None) -> torch.Tensor: ...
+
+
+def run_eagerly(denoise: Callable, device: torch.device, x_up: torch.Tensor, y_T: torch.Tensor,
+                plan: SamplingPlan, *, generator: torch.Generator | None, callback: StepCallback | None,
+                tiles: TileGrid | None, op_backend: str) -> torch.Tensor:
+    """`samplers.run_plan` with `denoise` on the whole image, or on the tiles of `tiles`."""
+    if tiles is not None:
+        denoise = TiledDenoiser(denoise, tiles, device)
+    with torch.inference_mode():
+        return run_plan(denoise, x_up, y_T, plan, generator=generator, callback=callback, backend=op_backend)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ...samplers import SamplingPlan, StepCallback, run_plan
+from ...samplers import SamplingPlan, StepCallback
 from ...unet import set_op_backend
+from ..tiling import TileGrid
+from .base import run_eagerly
 
 
 class EagerBackend:
     name = "eager"
+    tile_limits = (None, None)
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, op_backend: str = "auto"):
         self.device = device
@@ -19,8 +22,8 @@ class EagerBackend:
         self.model = model.to(device=device, dtype=dtype).eval()
         set_op_backend(self.model, op_backend)
 
-    @torch.inference_mode()
     def run(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,
-            generator: torch.Generator | None, callback: StepCallback | None) -> torch.Tensor:
-        return run_plan(self.model, x_up.to(self.dtype), y_T, plan, generator=generator,
-                        callback=callback, backend=self.op_backend)
+            generator: torch.Generator | None, callback: StepCallback | None,
+            tiles: TileGrid | None = None) -> torch.Tensor:
+        return run_eagerly(self.model, self.device, x_up.to(self.dtype), y_T, plan, generator=generator,
+                           callback=callback, tiles=tiles, op_backend=self.op_backend)

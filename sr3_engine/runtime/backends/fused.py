@@ -16,6 +16,12 @@ writes (inputs, per-step noise levels, seed, noise, flags, output) is owned by t
 Only an op backend whose posterior step reads a device seed (`triton`) can serve the
 in-kernel noise of a captured loop; another one is refused at construction with the reason.
 
+Tiled (a `TileGrid` from the engine), the loop runs step by step and what is captured is one
+denoiser call on a batch of tiles, once per (tiles per call, tile height, tile width, dtype):
+the last, smaller batch of tiles is padded to that size, so a new image size reuses the
+graph. The posterior step runs on the whole image, its noise drawn in the kernel from one
+seed for the whole image (or from the generator with `in_kernel_noise=False`).
+
 On the CPU there are no graphs: the model runs channels_last on whatever fused ops exist
 there (the C++ extension when built), and the backend says so once.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import logging
 
@@ -32,10 +39,11 @@ import torch.nn as nn
 
 from ... import ops
 from ...diffusion import generator_device, randn
-from ...samplers import (GivenNoise, SamplingPlan, SeededNoise, StepCallback, level_tensors, raise_if_nonfinite,
-                         run_plan, run_steps)
+from ...samplers import (GeneratorNoise, GivenNoise, SamplingPlan, SeededNoise, StepCallback, level_tensors,
+                         raise_if_nonfinite, run_steps)
 from ...unet import set_op_backend
-from .base import BackendUnavailableError
+from ..tiling import TileGrid, TiledDenoiser
+from .base import BackendUnavailableError, run_eagerly
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +62,20 @@ class _CapturedLoop:
     out: torch.Tensor
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _CapturedDenoiser:
+    """One captured denoiser call on a fixed batch of tiles, and its buffers."""
+
+    graph: torch.cuda.CUDAGraph
+    x_up: torch.Tensor
+    y: torch.Tensor
+    level: torch.Tensor
+    out: torch.Tensor
+
+
 class FusedBackend:
     name = "fused"
+    tile_limits = (None, None)
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, op_backend: str = "auto", *,
                  max_graphs: int = 4, in_kernel_noise: bool = True):
@@ -83,7 +103,7 @@ class FusedBackend:
                            ops.resolve_backend("posterior_step", op_backend, probe))
         self.model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
         set_op_backend(self.model, self.op_backend)
-        self._graphs: collections.OrderedDict[tuple, _CapturedLoop] = collections.OrderedDict()
+        self._graphs: collections.OrderedDict[tuple, _CapturedLoop | _CapturedDenoiser] = collections.OrderedDict()
 
     @property
     def cached_graphs(self) -> int:
@@ -93,12 +113,14 @@ class FusedBackend:
         return self.model(x_up, y_t.contiguous(memory_format=torch.channels_last), noise_level)
 
     def run(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,
-            generator: torch.Generator | None, callback: StepCallback | None) -> torch.Tensor:
+            generator: torch.Generator | None, callback: StepCallback | None,
+            tiles: TileGrid | None = None) -> torch.Tensor:
         x_up = x_up.to(self.dtype).contiguous(memory_format=torch.channels_last)
         if self.device.type != "cuda":
-            with torch.inference_mode():
-                return run_plan(self.denoise, x_up, y_T, plan, generator=generator, callback=callback,
-                                backend=self.op_backend)
+            return run_eagerly(self.denoise, self.device, x_up, y_T, plan, generator=generator, callback=callback,
+                               tiles=tiles, op_backend=self.op_backend)
+        if tiles is not None:
+            return self._run_tiled(x_up, y_T, plan, tiles, generator=generator, callback=callback)
         loop = self._loop_for(x_up, plan)
         loop.x_up.copy_(x_up)
         loop.y.copy_(y_T)
@@ -118,6 +140,61 @@ class FusedBackend:
                 callback(i, plan.num_steps, y0)
         return y0
 
+    def _run_tiled(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, tiles: TileGrid, *,
+                   generator: torch.Generator | None, callback: StepCallback | None) -> torch.Tensor:
+        if self.in_kernel_noise:
+            noise = SeededNoise(int(torch.randint(0, 2**62, (), generator=generator,
+                                                  device=generator_device(generator))))
+        else:
+            noise = GeneratorNoise(generator)
+        denoise = TiledDenoiser(functools.partial(self._graphed_denoise, tiles.tiles_per_call), tiles, self.device)
+        nonfinite = torch.zeros(plan.num_steps, dtype=torch.bool, device=self.device)
+        # no_grad, not inference_mode: the graphs' static buffers must stay ordinary tensors.
+        with torch.no_grad(), torch.cuda.device(self.device):
+            y0 = run_steps(denoise, x_up, y_T, plan, noise=noise, nonfinite=nonfinite, callback=callback,
+                           backend=self.op_backend)
+        raise_if_nonfinite(nonfinite, plan)
+        return y0
+
+    def _graphed_denoise(self, capacity: int, x_up: torch.Tensor, y_t: torch.Tensor,
+                         noise_level: torch.Tensor) -> torch.Tensor:
+        """eps of up to `capacity` tiles through the graph captured for `capacity` tiles; the
+        result is the graph's output buffer, valid until the next call."""
+        count = x_up.shape[0]
+        key = ("denoiser", capacity, tuple(x_up.shape[1:]), self.dtype)
+        captured = self._graphs.get(key)
+        if captured is None:
+            captured = self._capture_denoiser(capacity, tuple(x_up.shape[1:]))
+            self._remember(key, captured)
+        else:
+            self._graphs.move_to_end(key)
+        captured.x_up[:count].copy_(x_up)
+        captured.y[:count].copy_(y_t)
+        captured.level[:count].copy_(noise_level)
+        captured.graph.replay()
+        return captured.out[:count]
+
+    def _capture_denoiser(self, capacity: int, shape: tuple[int, ...]) -> _CapturedDenoiser:
+        static_x = torch.zeros((capacity, *shape), device=self.device, dtype=self.dtype)
+        static_x = static_x.contiguous(memory_format=torch.channels_last)
+        static_y = torch.zeros_like(static_x)
+        level = torch.zeros(capacity, device=self.device, dtype=torch.float32)
+        with torch.no_grad():
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.denoise(static_x, static_y, level)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device)):
+                out = self.denoise(static_x, static_y, level)
+        return _CapturedDenoiser(graph, static_x, static_y, level, out)
+
+    def _remember(self, key: tuple, captured: _CapturedLoop | _CapturedDenoiser) -> None:
+        self._graphs[key] = captured
+        if len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+
     def _loop_for(self, x_up: torch.Tensor, plan: SamplingPlan) -> _CapturedLoop:
         key = (tuple(x_up.shape), self.dtype, _plan_digest(plan))
         loop = self._graphs.get(key)
@@ -125,9 +202,7 @@ class FusedBackend:
             self._graphs.move_to_end(key)
             return loop
         loop = self._capture(x_up, plan)
-        self._graphs[key] = loop
-        if len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
+        self._remember(key, loop)
         return loop
 
     def _capture(self, x_up: torch.Tensor, plan: SamplingPlan) -> _CapturedLoop:

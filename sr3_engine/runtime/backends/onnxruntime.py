@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ...samplers import SamplingPlan, StepCallback, run_plan
+from ...samplers import SamplingPlan, StepCallback
 from ..onnx_export import DEFAULT_OPSET, ExportError, export_onnx
-from .base import BackendUnavailableError
+from ..tiling import TileGrid
+from .base import BackendUnavailableError, run_eagerly
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
 _ONNX_TYPES = {torch.float32: "tensor(float)", torch.float16: "tensor(float16)"}
@@ -45,6 +46,7 @@ def _import_onnxruntime():
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    tile_limits = (None, None)
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, op_backend: str = "auto", *,
                  onnx_path: str | None = None, opset: int | None = None):
@@ -102,7 +104,7 @@ class OnnxRuntimeBackend:
         return eps
 
     def run(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,
-            generator: torch.Generator | None, callback: StepCallback | None) -> torch.Tensor:
-        with torch.inference_mode():
-            return run_plan(self.denoise, x_up.to(self.dtype), y_T, plan, generator=generator,  # type: ignore[arg-type]
-                            callback=callback, backend=self.op_backend)
+            generator: torch.Generator | None, callback: StepCallback | None,
+            tiles: TileGrid | None = None) -> torch.Tensor:
+        return run_eagerly(self.denoise, self.device, x_up.to(self.dtype), y_T, plan, generator=generator,
+                           callback=callback, tiles=tiles, op_backend=self.op_backend)

@@ -39,9 +39,10 @@ import torch
 import torch.nn as nn
 
 from ...io import atomic_path
-from ...samplers import SamplingPlan, StepCallback, run_plan
+from ...samplers import SamplingPlan, StepCallback
 from ..onnx_export import export_onnx
-from .base import BackendUnavailableError
+from ..tiling import TileGrid
+from .base import BackendUnavailableError, run_eagerly
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,8 @@ class TensorRTBackend:
                            for name in ("x_up", "y_t", "noise_level", "eps")}
         self._buffers: dict[str, torch.Tensor] = {}
         self._bound_shape: tuple[int, ...] | None = None
+        # Tiles stay within the optimisation profile: at most its batch, at most its smaller side.
+        self.tile_limits = (self.shapes[2][0], min(self.shapes[2][1:]))
 
     def _bind(self, shape: tuple[int, ...]) -> None:
         batch, _, height, width = shape
@@ -198,10 +201,10 @@ class TensorRTBackend:
         return self._buffers["eps"].to(self.dtype)
 
     def run(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,
-            generator: torch.Generator | None, callback: StepCallback | None) -> torch.Tensor:
-        with torch.inference_mode():
-            return run_plan(self.denoise, x_up.to(self.dtype), y_T, plan, generator=generator,  # type: ignore[arg-type]
-                            callback=callback, backend=self.op_backend)
+            generator: torch.Generator | None, callback: StepCallback | None,
+            tiles: TileGrid | None = None) -> torch.Tensor:
+        return run_eagerly(self.denoise, self.device, x_up.to(self.dtype), y_T, plan, generator=generator,
+                           callback=callback, tiles=tiles, op_backend=self.op_backend)
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:

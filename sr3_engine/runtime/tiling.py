@@ -1,0 +1,244 @@
+"""Tiled sampling in bounded memory: the denoiser runs on overlapping tiles, blended every step.
+
+The state y_t and the condition x_up stay whole; only the network, whose working memory
+grows with the pixels it sees, runs on tiles. At every step each tile of (x_up, y_t) of one
+fixed size goes through the denoiser, several tiles per call, and the tiles' eps are
+blended back into one eps for the whole image; then the one posterior step updates the
+whole image with noise drawn for the whole image. Blending per step (not once at the end)
+keeps seams away: every tile refines from a state its neighbours refined too.
+
+Blending. Along each axis a tile's weight is 1, ramping as sin^2 over the `overlap` pixels
+at an edge it shares with a neighbour (none at the image border). The tiles form a grid, so
+the sum of their 2-D weights is the outer product of the per-axis sums; each per-axis
+window is divided by that sum once, and the blended eps is the plain sum of every tile's
+eps times its normalised window: a partition of unity, no full-size normaliser.
+
+Sizes (output pixels, multiples of the U-Net's size multiple). The largest square tile
+whose working memory (`unet.activation_bytes`, plus a margin) fits the budget bounds the
+tile side; each axis then takes the fewest tiles of at most that side that cover it, and
+the smallest side that does, so overlaps are no wider than asked. Tiles per denoiser call:
+as many as fit the budget. The whole image is not tiled when it fits.
+
+Budget (`max_memory`, bytes of denoiser working memory; the whole-image state, about six
+float32 copies of the output image, comes on top): by default half the free device memory
+on CUDA; on the CPU a quarter of the available RAM, at most 1 GiB, because a CPU computes
+no faster on larger tiles and memory is what users run out of.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Callable
+
+import torch
+
+from ..config import UNetConfig
+from ..unet import activation_bytes
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+CPU_BUDGET_CAP = 2**30
+# Library workspace (oneDNN, allocator) that activation_bytes does not count, and a margin on it.
+WORKSPACE_BYTES = 32 * 2**20
+MARGIN = 1.15
+
+
+class MemoryBudgetError(MemoryError):
+    """An image cannot be sampled within the memory budget even in the smallest tiles; the
+    message says what was needed and what was allowed, in one line."""
+
+
+def default_budget(device: torch.device) -> int:
+    """Bytes of denoiser working memory allowed when the caller sets no `max_memory`."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return min(available_ram() // 4, CPU_BUDGET_CAP)
+
+
+def available_ram() -> int:
+    """RAM the system can give without swapping (MemAvailable on Linux), else physical RAM."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def working_bytes(config: UNetConfig, tiles: int, height: int, width: int, itemsize: int) -> int:
+    """The budget `tiles` tiles of height x width take in one denoiser call."""
+    return int(MARGIN * activation_bytes(config, tiles, height, width, itemsize)) + WORKSPACE_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class TileGrid:
+    """Where the tiles of an image of `size` (height, width) sit, and their blending windows.
+
+    `starts` are the tiles' top (or left) offsets per axis; `windows` the per-axis weights of
+    each tile, already divided by the per-axis sum, so that the outer products of one row
+    window and one column window over all tiles sum to 1 at every pixel.
+    """
+
+    size: tuple[int, int]
+    tile: tuple[int, int]
+    overlap: int
+    starts: tuple[tuple[int, ...], tuple[int, ...]]
+    tiles_per_call: int
+
+    @property
+    def count(self) -> int:
+        return len(self.starts[0]) * len(self.starts[1])
+
+    def windows(self, axis: int, device: torch.device) -> list[torch.Tensor]:
+        length, side = self.size[axis], self.tile[axis]
+        raw = [_window(side, self.overlap, start > 0, start + side < length) for start in self.starts[axis]]
+        total = torch.zeros(length, dtype=torch.float64)
+        for start, window in zip(self.starts[axis], raw):
+            total[start:start + side] += window
+        return [(window / total[start:start + side]).float().to(device)
+                for start, window in zip(self.starts[axis], raw)]
+
+
+def _window(side: int, overlap: int, ramp_in: bool, ramp_out: bool) -> torch.Tensor:
+    window = torch.ones(side, dtype=torch.float64)
+    if overlap > 0:
+        ramp = torch.sin(0.5 * math.pi * (torch.arange(overlap, dtype=torch.float64) + 0.5) / overlap) ** 2
+        if ramp_in:
+            window[:overlap] = ramp
+        if ramp_out:
+            window[side - overlap:] = ramp.flip(0)
+    return window
+
+
+def axis_starts(length: int, side: int, overlap: int) -> tuple[int, ...]:
+    """Offsets of tiles of `side` covering `length`, consecutive ones overlapping by >= overlap."""
+    if side >= length:
+        return (0,)
+    stride = side - overlap
+    starts = list(range(0, length - side, stride))
+    return tuple(starts + [length - side])
+
+
+def fitted_side(length: int, max_side: int, overlap: int, multiple: int) -> int:
+    """The smallest side (a multiple of `multiple`, at most max_side) that covers `length` with
+    as few tiles as max_side needs."""
+    if length <= max_side:
+        return length
+    count = math.ceil((length - overlap) / (max_side - overlap))
+    side = math.ceil((length + (count - 1) * overlap) / count / multiple) * multiple
+    return min(max_side, max(side, 2 * overlap + multiple))
+
+
+def default_overlap(side: int, multiple: int) -> int:
+    """A sixteenth of the tile (at least two size multiples): wide enough for the sin^2 ramp to
+    hide the tile edges, narrow enough that overlaps cost about 12% more denoiser work."""
+    return max(2 * multiple, round(side / 16 / multiple) * multiple)
+
+
+def check_tile(tile: int | None, overlap: int | None, multiple: int) -> None:
+    """Refuse a tile side (output pixels) under the model's size multiple, or an overlap that is
+    negative or not under half the tile (rounded down to the multiple), in one line."""
+    if tile is not None and tile < multiple:
+        raise ValueError(f"tile {tile} is smaller than the model's size multiple {multiple}")
+    if overlap is not None and tile is not None and not 0 <= overlap < (tile // multiple * multiple) / 2:
+        raise ValueError(f"tile overlap {overlap} must be at least 0 and under half the tile "
+                         f"({tile // multiple * multiple})")
+
+
+def plan_tiles(config: UNetConfig | None, batch: int, size: tuple[int, int], itemsize: int, budget: int, *,
+               tile: int | None = None, overlap: int | None = None, multiple: int = 1,
+               max_tiles_per_call: int | None = None, max_side: int | None = None) -> TileGrid | None:
+    """The tiling of a (batch, C, *size) condition, or None when it runs whole. `tile` forces
+    tiles of that side (output pixels), `overlap` their overlap; `max_tiles_per_call` and
+    `max_side` are limits of the backend (e.g. a TensorRT profile). A model without a
+    UNetConfig has no memory estimate: it is tiled only when asked or when a backend limit
+    demands it, one tile per call."""
+    height, width = size
+    within_limits = ((max_side is None or max(height, width) <= max_side)
+                     and (max_tiles_per_call is None or batch <= max_tiles_per_call))
+    fits = config is None or working_bytes(config, batch, height, width, itemsize) <= budget
+    if tile is None and fits and within_limits:
+        return None
+    check_tile(tile, overlap, multiple)
+    if tile is not None:
+        largest = tile // multiple * multiple
+    else:
+        largest = _largest_side(config, itemsize, budget, multiple) if config is not None else max(height, width)
+        if max_side is not None:
+            largest = min(largest, max_side // multiple * multiple)
+    if overlap is None:
+        overlap = default_overlap(min(largest, max(height, width)), multiple)
+    if largest < 2 * overlap + multiple and tile is None:
+        side = 2 * overlap + multiple
+        need = working_bytes(config, 1, side, side, itemsize)
+        raise MemoryBudgetError(f"even a {side}x{side} tile needs {need / 2**20:.0f} MiB of working memory; "
+                                f"the budget is {budget / 2**20:.0f} MiB")
+    if not 0 <= overlap < largest / 2:
+        raise ValueError(f"tile overlap {overlap} must be at least 0 and under half the tile ({largest})")
+    side_h = fitted_side(height, largest, overlap, multiple)
+    side_w = fitted_side(width, largest, overlap, multiple)
+    starts = (axis_starts(height, side_h, overlap), axis_starts(width, side_w, overlap))
+    total = batch * len(starts[0]) * len(starts[1])
+    if config is None:
+        per_call = 1
+    else:
+        per_tile = working_bytes(config, 1, side_h, side_w, itemsize) - WORKSPACE_BYTES
+        if per_tile + WORKSPACE_BYTES > budget:
+            raise MemoryBudgetError(f"a {side_h}x{side_w} tile needs {(per_tile + WORKSPACE_BYTES) / 2**20:.0f} MiB "
+                                    f"of working memory; the budget is {budget / 2**20:.0f} MiB")
+        per_call = min(total, (budget - WORKSPACE_BYTES) // per_tile)
+    if max_tiles_per_call is not None:
+        per_call = min(per_call, max_tiles_per_call)
+    return TileGrid((height, width), (side_h, side_w), overlap, starts, per_call)
+
+
+def _largest_side(config: UNetConfig, itemsize: int, budget: int, multiple: int) -> int:
+    side = multiple
+    # working_bytes grows with the area: double, then bisect, over multiples of `multiple`.
+    while working_bytes(config, 1, 2 * side, 2 * side, itemsize) <= budget and side < 2**16:
+        side *= 2
+    low, high = side // multiple, 2 * side // multiple
+    while high - low > 1:
+        middle = (low + high) // 2
+        if working_bytes(config, 1, middle * multiple, middle * multiple, itemsize) <= budget:
+            low = middle
+        else:
+            high = middle
+    return low * multiple
+
+
+class TiledDenoiser:
+    """A denoiser over whole images that runs `denoise` on the tiles of `grid` and blends them.
+
+    `denoise(x_tiles, y_tiles, levels)` sees (n, C, tile_h, tile_w) batches of at most
+    grid.tiles_per_call tiles, in order (image, row, column); the result is float32.
+    """
+
+    def __init__(self, denoise: Denoiser, grid: TileGrid, device: torch.device):
+        self.denoise = denoise
+        self.grid = grid
+        self.rows = grid.windows(0, device)
+        self.columns = grid.windows(1, device)
+
+    def __call__(self, x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+        grid = self.grid
+        (tile_h, tile_w), (row_starts, column_starts) = grid.tile, grid.starts
+        places = [(b, r, c) for b in range(x_up.shape[0]) for r in range(len(row_starts))
+                  for c in range(len(column_starts))]
+        eps = torch.zeros(y_t.shape, dtype=torch.float32, device=y_t.device)
+        for first in range(0, len(places), grid.tiles_per_call):
+            chunk = places[first:first + grid.tiles_per_call]
+            windows = [(b, slice(row_starts[r], row_starts[r] + tile_h),
+                        slice(column_starts[c], column_starts[c] + tile_w)) for b, r, c in chunk]
+            x_tiles = torch.stack([x_up[b, :, rows, columns] for b, rows, columns in windows])
+            y_tiles = torch.stack([y_t[b, :, rows, columns] for b, rows, columns in windows])
+            levels = noise_level[torch.tensor([b for b, _, _ in chunk], device=noise_level.device)]
+            tile_eps = self.denoise(x_tiles, y_tiles, levels)
+            for k, ((b, r, c), (_, rows, columns)) in enumerate(zip(chunk, windows)):
+                weight = self.rows[r][:, None] * self.columns[c][None, :]
+                eps[b, :, rows, columns] += tile_eps[k].float() * weight
+        return eps
