@@ -1,8 +1,10 @@
 """Peak memory and time of `python -m sr3_engine upscale` with automatic tiling, and a seam crop.
 
 For each input side (default 256, 512, 1024) a fresh process upscales one photo of that size
-(scikit-image's astronaut, resized) x4 with the bundled demo-x4 model and its default sampler,
-and reports its peak resident memory (ru_maxrss) and wall time; then, for the smallest size,
+(scikit-image's astronaut, resized) x4 with the bundled demo-x4 model and its default sampler
+(DDIM, strength 0.2) on a schedule respaced to `--steps` (default 5, so one denoising step: the
+model's own 100-step schedule runs 20, which takes 20 times as long on the CPU and needs the
+same memory), and reports its peak resident memory (ru_maxrss) and wall time; then, for the smallest size,
 the untiled output and one tiled at 512 output pixels are cut across a tile border and saved
 side by side (untiled | tiled | 4x difference) as a PNG, centred on where a tile begins.
 
@@ -38,9 +40,9 @@ def photo(side: int, path: Path) -> Path:
     return path
 
 
-def upscale(source: Path, out: Path, *extra: str) -> tuple[float, int]:
+def upscale(source: Path, out: Path, steps: int, *extra: str) -> tuple[float, int]:
     command = [sys.executable, "-c", ONE_RUN, "upscale", str(source), "-o", str(out), "--model", "demo-x4",
-               "--overwrite", "--no-progress", *extra]
+               "--steps", str(steps), "--overwrite", "--no-progress", *extra]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     _, code, seconds, peak = result.stdout.strip().splitlines()[-1].split()
     if code != "0":
@@ -48,11 +50,11 @@ def upscale(source: Path, out: Path, *extra: str) -> tuple[float, int]:
     return float(seconds), int(peak)
 
 
-def seam_crop(out: Path, side: int, crop: Path) -> None:
+def seam_crop(out: Path, side: int, steps: int, crop: Path) -> None:
     source = photo(side, out / f"seam-{side}.png")
     whole, tiled = out / "whole", out / "tiled"
-    upscale(source, whole, "--max-memory", "8G")
-    upscale(source, tiled, "--tile", "128", "--tile-overlap", "0")
+    upscale(source, whole, steps, "--max-memory", "8G")
+    upscale(source, tiled, steps, "--tile", "128", "--tile-overlap", "0")
     a = np.asarray(Image.open(whole / source.name), dtype=np.int16)
     b = np.asarray(Image.open(tiled / source.name), dtype=np.int16)
     engine = sr3.SR3Engine.from_pretrained("demo-x4", progress=False)
@@ -70,11 +72,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("out/tiling"))
     parser.add_argument("--sides", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--crop", type=Path, default=None, help="also write the seam crop here")
+    parser.add_argument("--steps", type=int, default=5, help="respace the model's schedule to this many steps")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for side in args.sides:
-        seconds, peak = upscale(photo(side, args.out / f"astronaut-{side}.png"), args.out / "sr")
+        seconds, peak = upscale(photo(side, args.out / f"astronaut-{side}.png"), args.out / "sr", args.steps)
         megapixels = (4 * side) ** 2 / 1e6
         rows.append({"input": side, "output": 4 * side, "seconds": seconds, "peak_rss_gb": peak / 1e9,
                      "seconds_per_output_mp": seconds / megapixels})
@@ -82,7 +85,7 @@ def main() -> int:
               f"megapixel), peak RSS {peak / 1e9:.2f} GB", flush=True)
     (args.out / "tiling.json").write_text(json.dumps(rows, indent=2) + "\n")
     if args.crop is not None:
-        seam_crop(args.out, min(args.sides), args.crop)
+        seam_crop(args.out, min(args.sides), args.steps, args.crop)
         print(f"wrote {args.crop}")
     return 0
 
