@@ -17,7 +17,7 @@ CUDA_ARCH ?= sm_90
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 EXT_SOURCES := CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test test-all check-cuda demo bench clean
+.PHONY: install test test-all check-cuda check-triton demo bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,22 +31,31 @@ $(VENV)/.installed: $(PY) pyproject.toml setup.py $(EXT_SOURCES)
 
 install: $(VENV)/.installed
 
-test: install check-cuda
+test: install check-cuda check-triton
 	SR3_ENGINE_REQUIRE_EXT=1 TRITON_INTERPRET=$${TRITON_INTERPRET:-$(TRITON_INTERPRET_DEFAULT)} \
 		$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
-test-all: install check-cuda
+test-all: install check-cuda check-triton
 	SR3_ENGINE_REQUIRE_EXT=1 TRITON_INTERPRET=$${TRITON_INTERPRET:-$(TRITON_INTERPRET_DEFAULT)} \
 		$(PY) -m pytest -q tests
 
-# Compiles each .cu alone (no torch) into a temporary directory that is removed afterwards.
+# Compiles each .cu alone (no torch) into a temporary directory that is removed afterwards, and
+# fails when ptxas reports spills (-Xptxas -v prints them per kernel).
 check-cuda:
 	@if [ -z "$(NVCC)" ]; then echo "check-cuda: nvcc not found, skipping the CUDA compile check"; exit 0; fi; \
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	for source in $(CUDA_SOURCES); do \
-		echo "$(NVCC) -c -arch=$(CUDA_ARCH) $$source"; \
-		"$(NVCC)" -c -arch=$(CUDA_ARCH) -std=c++17 -o "$$tmp/$$(basename $$source).o" "$$source" || exit 1; \
+		echo "$(NVCC) -c -arch=$(CUDA_ARCH) -Xptxas -v $$source"; \
+		"$(NVCC)" -c -arch=$(CUDA_ARCH) -std=c++17 -Xptxas -v -o "$$tmp/$$(basename $$source).o" "$$source" \
+			> "$$tmp/ptxas.log" 2>&1 || { cat "$$tmp/ptxas.log"; exit 1; }; \
+		if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$$tmp/ptxas.log"; then \
+			echo "check-cuda: $$source spills registers (above)"; exit 1; fi; \
 	done
+
+# Every Triton kernel compiled for sm_90 and sm_80 with Triton's own compiler and ptxas, no GPU
+# needed; fails on a compile error or a spill (kernels/compile_check.py says what it covers).
+check-triton: install
+	env -u TRITON_INTERPRET $(PY) -m sr3_engine.kernels.compile_check --arch 90 80
 
 # The CPU suite (tiny config, every backend side by side, a few minutes on 2 cores), then its
 # section and chart in bench/RESULTS.md. On a GPU machine see README.md, "Benchmarks".
@@ -56,6 +65,12 @@ bench: install
 	@mkdir -p $(dir $(BENCH_JSON))
 	SR3_ENGINE_REQUIRE_EXT=1 $(PY) -m pytest -q bench $(BENCH_ARGS) --benchmark-json $(BENCH_JSON)
 	$(PY) -m bench.report $(BENCH_JSON) --command "make bench  # = pytest -q bench $(BENCH_ARGS)"
+
+# On a GPU machine (see the GPU notes): its python3 already has every package and there is no
+# network, so no virtual environment; builds for sm_90, tests, benchmarks, writes OUT (bench/gpu_check.py).
+OUT ?= gpu-check-out
+gpu-check:
+	$(PYTHON) -m bench.gpu_check --out "$(OUT)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache sr3_engine/_C*.so

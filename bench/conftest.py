@@ -10,6 +10,7 @@ JSON keeps (`sr3_skipped`) so that the report can list it.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 
 import pytest
@@ -33,6 +34,8 @@ def pytest_addoption(parser):
                     help="the device's dense bf16 peak in TFLOP/s, instead of the data sheet or a measurement")
     group.addoption("--peak-gbps", type=float, default=None,
                     help="the device's memory bandwidth in GB/s, instead of the data sheet or a measurement")
+    group.addoption("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+                    help="torch.compile mode of the compile variants instead of theirs (max-autotune on CUDA)")
 
 
 def pytest_configure(config):
@@ -95,12 +98,17 @@ def rounds(pytestconfig) -> int:
 
 
 @pytest.fixture(scope="session")
-def engines(device, problem):
+def engines(pytestconfig, device, problem):
     """variant id -> SR3Engine, built on first use; the reason string when the backend cannot run here."""
     built: dict[str, sr3.SR3Engine | str] = {}
+    compile_mode = pytestconfig.getoption("--compile-mode")
 
     def get(variant: Variant) -> sr3.SR3Engine:
         if variant.id not in built:
+            if variant.backend == "compile" and compile_mode is not None:
+                options = tuple(option for option in variant.options if option[0] != "mode")
+                mode = () if compile_mode == "default" else (("mode", compile_mode),)
+                variant = dataclasses.replace(variant, options=options + mode)
             try:
                 built[variant.id] = harness.build_engine(variant, problem, device)
             except BackendUnavailableError as error:

@@ -158,12 +158,16 @@ def clock_for(device: torch.device):
 def describe(device: torch.device, peak_tflops: float | None = None, peak_gbps: float | None = None) -> DeviceInfo:
     name = device_name(device)
     sheet = data_sheet(name) if device.type == "cuda" else None
+    size = 8192 if device.type == "cuda" else 2048  # a GPU needs a large matmul to come near its peak
     if sheet is not None:
         flops, bandwidth, source = sheet
     else:
-        size = 8192 if device.type == "cuda" else 2048  # a GPU needs a large matmul to come near its peak
-        flops, bandwidth = measure_bf16_flops(device, size), measure_bytes_per_s(device)
-        source = f"measured here: best {size}^3 bf16 matmul, 256 MiB copy"
+        # Only what is not given is measured: a bf16 matmul of this size takes over a minute on some CPUs.
+        flops = measure_bf16_flops(device, size) if peak_tflops is None else None
+        bandwidth = measure_bytes_per_s(device) if peak_gbps is None else None
+        measured = [what for what, value in ((f"best {size}^3 bf16 matmul", flops), ("256 MiB copy", bandwidth))
+                    if value is not None]
+        source = f"measured here: {', '.join(measured)}" if measured else "nothing measured"
     if peak_tflops is not None:
         flops, source = peak_tflops * 1e12, f"given (--peak-tflops {peak_tflops}); " + source
     if peak_gbps is not None:

@@ -11,7 +11,8 @@ the kernels are timed, not the Python and launch overhead around them, and the i
 from memory rather than the L2 cache; on the CPU a round is one direct call.
 
 - GroupNorm+SiLU on the activation shapes of sr3-16-128 at 128x128 (32 groups): on CUDA in
-  bf16 channels_last (what the fused engine runs) at batch 1 and 16; on the CPU in fp32 at
+  bf16 channels_last (what the fused engine runs) at batch 1 and 16, plus a decoder width of
+  192 channels (6 per group) at batch 16 and a 128x1024x1024 map; on the CPU in fp32 at
   batch 1 and 4, NCHW and channels_last, and in bf16 channels_last (the CPU fused engine's
   bf16 layout) at batch 4.
 - The posterior step on the sampling state (B, 3, 128, 128) at batch 1 and 32 and on a
@@ -31,8 +32,11 @@ from .harness import DTYPE_NAMES, CallGraph, median_seconds, record
 BACKENDS = ("native", "triton", "cpp", "compile")
 # (channels, height, width) of the GroupNorm+SiLU inputs of sr3-16-128 at 128x128.
 SR3_16_128_ACTIVATIONS = ((64, 128, 128), (128, 64, 64), (256, 32, 32), (512, 16, 16), (512, 8, 8))
+# Decoder widths whose channels per group are not powers of two, and one large map.
+CUDA_EXTRA_ACTIVATIONS = ((16, (192, 128, 128)), (1, (128, 1024, 1024)))
 GROUP_NORM_CASES = {
-    "cuda": [(batch, chw, "channels_last", torch.bfloat16) for batch in (1, 16) for chw in SR3_16_128_ACTIVATIONS],
+    "cuda": [(batch, chw, "channels_last", torch.bfloat16) for batch in (1, 16) for chw in SR3_16_128_ACTIVATIONS]
+    + [(batch, chw, "channels_last", torch.bfloat16) for batch, chw in CUDA_EXTRA_ACTIVATIONS],
     "cpu": [(batch, chw, layout, torch.float32) for batch in (1, 4) for chw in SR3_16_128_ACTIVATIONS
             for layout in ("nchw", "channels_last")]
     + [(4, chw, "channels_last", torch.bfloat16) for chw in SR3_16_128_ACTIVATIONS],

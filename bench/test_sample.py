@@ -60,8 +60,15 @@ def test_sample(benchmark, engines, clock, device, device_info, problem, rounds,
     hr = benchmark.pedantic(sample_on, args=(engine,), setup=run_baseline if baseline is not None else None,
                             rounds=rounds, warmup_rounds=1, iterations=1)
     paired = statistics.median(baseline_seconds[-rounds:]) if baseline_seconds and benchmark.stats else None
+    peak = {}
+    if device.type == "cuda" and benchmark.stats:
+        # One more sample alone, since the timed rounds alternate with the baseline's.
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        sample_on(engine)
+        peak = {"peak_memory_bytes": torch.cuda.max_memory_allocated(device)}
     # Recorded before the checks: a failed check must not leave a row the report cannot read.
-    record(benchmark, device_info, kind="sample", paired_baseline_seconds=paired,
+    record(benchmark, device_info, kind="sample", paired_baseline_seconds=paired, **peak,
            **_fields(variant, problem, batch, median_seconds(benchmark), problem.steps, device_info))
     assert hr.shape == (batch, 3, problem.size, problem.size) and bool(torch.isfinite(hr).all())
 

@@ -166,7 +166,9 @@ def _apply_kernel(x_ptr, y_ptr, mean_ptr, m2_ptr, weight_ptr, bias_ptr, pre_bias
     chunk_id = tl.num_programs(1) - 1 - tl.program_id(1)
     b = tl.num_programs(2) - 1 - tl.program_id(2)
     c, c_ok = _block_channels(group_block, num_channels, CPG, CPG_P2, GB)
-    hw_f = hw.to(tl.float32)
+    # Not hw.to(): compiled Triton passes an int argument equal to 1 (a 1x1 feature map) as a
+    # Python constant, which has no .to(); multiplying works for both.
+    hw_f = hw * 1.0
 
     # Each channel over all of H*W: merge the chunks' partials (padding chunks have n = 0).
     k = tl.arange(0, CHUNKS_P2)

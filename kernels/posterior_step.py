@@ -105,9 +105,10 @@ def _posterior_step_kernel(y_ptr, eps_ptr, noise_ptr, out_ptr, seed_ptr, seed, s
 # ---------------------------------------------------------------------------------- launcher
 
 
-def _block(numel: int, device: torch.device) -> int:
+def _block(numel: int, programs: int) -> int:
+    """Elements per program when `programs` fill the device (programs_to_fill)."""
     # ~4 programs per SM balance the tail; 512..4096 elements keep each one worth launching.
-    per_program = numel // (2 * programs_to_fill(device))
+    per_program = numel // (2 * programs)
     return min(4096, max(512, triton.next_power_of_2(per_program + 1) // 2))
 
 
@@ -144,7 +145,7 @@ def posterior_step_triton(y_t: torch.Tensor, eps: torch.Tensor, *, sqrt_recip_ga
     else:
         mode = _DRAWN_NOISE
     seed_in_memory = isinstance(seed, torch.Tensor)
-    block = _block(numel, y_t.device)
+    block = _block(numel, programs_to_fill(y_t.device))
     with torch.cuda.device(y_t.device) if y_t.is_cuda else contextlib.nullcontext():
         _posterior_step_kernel[(triton.cdiv(numel, block),)](
             y_t, eps, noise, out, seed if seed_in_memory else None,

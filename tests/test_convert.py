@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import sr3_engine as sr3
 from sr3_engine.cli import main
-from sr3_engine.runtime import convert, model_dir
+from sr3_engine.runtime import model_dir
 
 UNET = sr3.UNetConfig(inner_channels=16, channel_mults=(1, 2, 2), res_blocks=1, attn_resolutions=(8,),
                       norm_groups=8, image_size=32)

@@ -22,6 +22,7 @@ from sr3_engine import ops
 triton = pytest.importorskip("triton", exc_type=ImportError)  # skips with the import error
 # Once Triton imports, the kernels must too: an error here is a bug in kernels/, not a skip.
 import sr3_engine.kernels as kernels  # noqa: E402
+from sr3_engine.kernels import compile_check  # noqa: E402
 from sr3_engine.kernels import group_norm_silu as gn  # noqa: E402
 from sr3_engine.kernels import posterior_step as ps  # noqa: E402
 
@@ -300,33 +301,9 @@ def hopper_report() -> None:
     """Compile the kernels as the JIT would for an H100 (sm_90) launch at the benchmark shapes
     and print, per kernel, its global load/store widths and ptxas's register/local-memory use.
     Needs no GPU; runs in a process without TRITON_INTERPRET."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    pointer = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64"}
-
-    def build(fn, args, constexprs, num_warps):
-        signature, attrs = {}, {}
-        constexprs = dict(constexprs)
-        for index, name in enumerate(fn.arg_names):
-            value = args.get(name, constexprs.get(name))
-            if name in constexprs or value is None:
-                signature[name] = "constexpr"
-                constexprs[name] = value
-            elif isinstance(value, torch.dtype):  # a 16-byte aligned tensor
-                signature[name], attrs[(index,)] = pointer[value], [["tt.divisibility", 16]]
-            elif isinstance(value, float):
-                signature[name] = "fp32"
-            else:  # ints: the JIT specialises 1 as a constant and multiples of 16 as aligned
-                specialised = name not in ("seed", "step")
-                if value == 1 and specialised:
-                    signature[name], constexprs[name] = "constexpr", 1
-                    continue
-                signature[name] = "i32"
-                if value % 16 == 0 and specialised:
-                    attrs[(index,)] = [["tt.divisibility", 16]]
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs=attrs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    def build(fn, args, constexprs, num_warps, what=""):
+        compiled = compile_check.compile_launch(fn, args, constexprs, num_warps, 90)
         cubin = Path(os.environ["HOPPER_REPORT_DIR"]) / f"{fn.__name__}.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         usage = subprocess.run([str(_NVIDIA_BIN / "cuobjdump"), "-res-usage", str(cubin)],
@@ -335,20 +312,11 @@ def hopper_report() -> None:
         print(fn.__name__, " ".join(re.findall(r"(?:REG|LOCAL):\d+", usage)), " ".join(instructions))
 
     for batch, channels_last in ((1, False), (1, True), (16, False), (16, True)):
-        channels, groups, hw = 64, 32, 128 * 128
-        p = gn.plan(batch, channels, groups, hw, channels_last, 2, 2 * 132)
-        shared = dict(num_channels=channels, hw=hw, stride_b=channels * hw,
-                      stride_outer=channels if channels_last else hw, chunk=p.chunk, num_chunks=p.num_chunks)
-        constexprs = dict(CPG=2, CPG_P2=2, GB=p.groups_per_block, BLOCK_S=p.block_s,
-                          TILES=triton.cdiv(p.chunk, p.block_s), CHANNELS_INNER=channels_last)
+        p = gn.plan(batch, 64, 32, 128 * 128, channels_last, 2, 2 * 132)
         print(f"# group_norm_silu batch {batch} {'nhwc' if channels_last else 'nchw'} {p}")
-        build(gn._stats_kernel, dict(x_ptr=torch.bfloat16, mean_ptr=torch.float32, m2_ptr=torch.float32, **shared),
-              constexprs, p.num_warps)
-        build(gn._apply_kernel, dict(x_ptr=torch.bfloat16, y_ptr=torch.bfloat16, mean_ptr=torch.float32,
-                                     m2_ptr=torch.float32, weight_ptr=torch.float32, bias_ptr=torch.float32,
-                                     pre_bias_ptr=torch.float32, eps=1e-5, **shared),
-              dict(constexprs, CHUNKS_P2=triton.next_power_of_2(p.num_chunks), HAS_WEIGHT=True, HAS_BIAS=True,
-                   HAS_PRE_BIAS=True), p.num_warps)
+        for launch in compile_check.group_norm_silu_launches(batch, 64, 32, 128 * 128, channels_last,
+                                                             torch.bfloat16, 132):
+            build(*launch)
     for noise, seed_in_memory in ((1, False), (2, False), (2, True)):
         print(f"# posterior_step noise {'drawn' if noise == 2 else 'given'}, seed in memory {seed_in_memory}")
         build(ps._posterior_step_kernel,
@@ -357,6 +325,20 @@ def hopper_report() -> None:
                    numel=16 * 3 * 128 * 128, sqrt_recip_gamma=1.0, sqrt_recipm1_gamma=1.0, coef1=0.5,
                    coef2=0.5, sigma=0.1),
               dict(CLIP=True, NOISE=noise, SEED_IN_MEMORY=seed_in_memory, FAST_MATH=True, BLOCK=1024), 4)
+
+
+@pytest.mark.skipif(not (_NVIDIA_BIN / "cuobjdump").exists(), reason="this Triton build has no NVIDIA backend tools")
+def test_the_compile_check_covers_the_1x1_bottleneck(tmp_path):
+    # The interpreter does not specialise an int argument equal to 1 into a constant; compiled
+    # Triton does, and a 1x1 feature map once made the GroupNorm kernel fail to compile. The
+    # whole grid runs as `make check-triton`; here its 1x1 launches for sm_90.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-m", "sr3_engine.kernels.compile_check", "--arch", "90", "--match",
+                             "x1 "], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    compiled = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
+    assert len(compiled) == 2 * 2 * 2 * 3 and all("x1 n" in line for line in compiled), result.stdout
 
 
 @pytest.mark.skipif(not (_NVIDIA_BIN / "cuobjdump").exists(), reason="this Triton build has no NVIDIA backend tools")

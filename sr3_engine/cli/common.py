@@ -105,6 +105,17 @@ def byte_size(text: str) -> int:
     return value
 
 
+def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tile, --tile-overlap (input pixels; see `tile_pixels`) and --max-memory (see `byte_size`)."""
+    parser.add_argument("--tile", type=non_negative_int, default=0, metavar="N",
+                        help="sample in tiles of N x N input pixels (default 0: automatic, as memory requires)")
+    parser.add_argument("--tile-overlap", type=non_negative_int, default=0, metavar="N",
+                        help="overlap of neighbouring tiles in input pixels (default 0: automatic)")
+    parser.add_argument("--max-memory", type=byte_size, metavar="SIZE",
+                        help="denoiser working memory allowed, e.g. 2G, 1500M, 512K or bytes "
+                        "(default: a share of the free memory)")
+
+
 def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto") -> None:
     parser.add_argument("--device", default=default,
                         help=f"cpu, cuda, cuda:N, or auto (cuda when available) (default {default})")

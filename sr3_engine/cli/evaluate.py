@@ -33,7 +33,7 @@ from ..samplers import SAMPLERS, SamplerConfig
 from ..schedules import NoiseSchedule
 from ..training.data import DataError, centre_crop, make_lr, print_warning, usable_images
 from .common import (DTYPES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, TILE_HINT, UsageError, add_device_argument,
-                     add_dtype_argument, byte_size, non_negative_int, parse_device, print_error, run_until_stopped,
+                     add_dtype_argument, add_tiling_arguments, parse_device, print_error, run_until_stopped,
                      tile_pixels)
 
 SHEET_LABELS = ("LR (nearest)", "bicubic", "SR3", "HR")
@@ -147,13 +147,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_device_argument(parser, default="cpu")
     add_dtype_argument(parser)
     parser.add_argument("--backend", choices=ENGINE_BACKENDS, default="eager", help="engine backend")
-    parser.add_argument("--tile", type=non_negative_int, default=0, metavar="N",
-                        help="sample in tiles of N x N LR pixels (default 0: automatic, as memory requires)")
-    parser.add_argument("--tile-overlap", type=non_negative_int, default=0, metavar="N",
-                        help="overlap of neighbouring tiles in LR pixels (default 0: automatic)")
-    parser.add_argument("--max-memory", type=byte_size, metavar="SIZE",
-                        help="denoiser working memory allowed, e.g. 2G, 1500M, 512K or bytes "
-                        "(default: a share of the free memory)")
+    add_tiling_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("evaluation"))
     args = parser.parse_args(argv)
     for name in ("samples", "crop", "batch_size"):

@@ -58,7 +58,7 @@ from ..runtime.engine import SR3Engine
 from ..runtime.tiling import MemoryBudgetError, check_tile
 from ..samplers import SAMPLERS, SamplerConfig
 from .common import (DTYPES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, TILE_HINT, UsageError, add_device_argument,
-                     add_dtype_argument, byte_size, non_negative_int, parse_device, positive_float, positive_int,
+                     add_dtype_argument, add_tiling_arguments, parse_device, positive_float, positive_int,
                      print_error, run_until_stopped, tile_pixels)
 
 
@@ -114,13 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=ENGINE_BACKENDS, default="eager", help="engine backend")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images of one size sampled together")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (see the module docs)")
-    parser.add_argument("--tile", type=non_negative_int, default=0, metavar="N",
-                        help="sample in tiles of N x N input pixels (default 0: automatic, as memory requires)")
-    parser.add_argument("--tile-overlap", type=non_negative_int, default=0, metavar="N",
-                        help="overlap of neighbouring tiles in input pixels (default 0: automatic)")
-    parser.add_argument("--max-memory", type=byte_size, metavar="SIZE",
-                        help="denoiser working memory allowed, e.g. 2G, 1500M, 512K or bytes "
-                        "(default: a share of the free memory)")
+    add_tiling_arguments(parser)
     parser.add_argument("--outscale", type=positive_float, metavar="X",
                         help="resize each output (LANCZOS) to X times its input's size (default: the model's scale)")
     add_device_argument(parser, default="cpu")

@@ -10,8 +10,9 @@ as it is.
 
 Providers are chosen explicitly, never by onnxruntime's fallback: CPUExecutionProvider on
 the CPU; on CUDA, CUDAExecutionProvider or BackendUnavailableError. On CUDA the inputs and
-output are bound to the torch tensors' device memory (IO binding) and the session runs on
-torch's current stream, so nothing is copied through the host and no sync is needed.
+output are bound to the torch tensors' device memory (IO binding) and the session runs on a
+stream the backend owns, ordered after and before torch's current stream by stream waits, so
+nothing is copied through the host and the host never waits.
 bfloat16 is refused: onnxruntime's CPU provider has no bfloat16 Conv and IO binding takes
 numpy element types, which have no bfloat16.
 """
@@ -55,6 +56,9 @@ class OnnxRuntimeBackend:
             raise BackendUnavailableError(f"engine backend 'onnxruntime': {dtype} is not supported "
                                           "(use torch.float32 or torch.float16)")
         self.device, self.dtype, self.op_backend = device, dtype, op_backend
+        # onnxruntime reads a user_compute_stream of 0 (torch's default stream) as "none given" and
+        # then runs on a stream of its own, unordered with torch's: the engine owns a real one.
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         providers = self._providers(ort, device)
         self._tmpdir = None
         if onnx_path is None:
@@ -85,8 +89,7 @@ class OnnxRuntimeBackend:
             raise BackendUnavailableError("engine backend 'onnxruntime': this onnxruntime has no "
                                           f"CUDAExecutionProvider (it has {available}; install onnxruntime-gpu)")
         index = device.index if device.index is not None else torch.cuda.current_device()
-        stream = torch.cuda.current_stream(torch.device("cuda", index)).cuda_stream
-        return [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": str(stream)})]
+        return [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": str(self.stream.cuda_stream)})]
 
     def denoise(self, x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
         inputs = {"x_up": x_up.contiguous(), "y_t": y_t.contiguous(), "noise_level": noise_level.float().contiguous()}
@@ -100,7 +103,14 @@ class OnnxRuntimeBackend:
             binding.bind_input(name, "cuda", index, _NUMPY_DTYPES[tensor.dtype], tuple(tensor.shape),
                                tensor.data_ptr())
         binding.bind_output("eps", "cuda", index, _NUMPY_DTYPES[eps.dtype], tuple(eps.shape), eps.data_ptr())
+        # The session runs on the engine's stream: after the work that made its inputs, before
+        # the work that reads eps, both on torch's current stream.
+        current = torch.cuda.current_stream(eps.device)
+        self.stream.wait_stream(current)
         self.session.run_with_iobinding(binding)
+        current.wait_stream(self.stream)
+        for tensor in (*inputs.values(), eps):
+            tensor.record_stream(self.stream)
         return eps
 
     def run(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,

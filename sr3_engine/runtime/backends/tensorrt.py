@@ -128,11 +128,13 @@ def _pin_normalization_to_fp32(trt, network) -> None:
         layer = network.get_layer(index)
         if layer.type != trt.LayerType.NORMALIZATION:
             continue
+        # get_layer returns the base ILayer, which has no num_groups (reading it through getattr
+        # with a default counted every layer as one group): set the class of its type first.
+        layer.__class__ = trt.INormalizationLayer
         layer.precision = trt.float32
         layer.set_output_type(0, trt.float32)
         channels = layer.get_input(0).shape[1]
-        groups = getattr(layer, "num_groups", 1)
-        if channels > 0 and (channels // max(groups, 1)) % 8:
+        if channels > 0 and (channels // max(layer.num_groups, 1)) % 8:
             slow += 1
     if slow:
         logger.warning("tensorrt: %d GroupNorm layers have channels per group not a multiple of 8; "
