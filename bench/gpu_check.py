@@ -5,8 +5,8 @@ in this order, each stage with its own time limit so that a slow one cannot eat 
 
 1. install: `pip install --no-deps --no-build-isolation -e .`, the extension built for sm_90
    and required to build (CUDA kernels included);
-2. correctness: the gpu-marked tests and the kernel, op, engine and tiling tests with
-   TRITON_INTERPRET unset (real kernels, captured graphs, the liveness replay check);
+2. correctness: every gpu-marked test, and the kernel, op, extension, engine and tiling tests,
+   with TRITON_INTERPRET unset (real kernels, captured graphs, the liveness replay check);
 3. ops: GroupNorm+SiLU GB/s on (16,64,128,128), (16,192,128,128) and (1,128,1024,1024) bf16
    channels_last, and the seeded posterior step on (32,3,512,512);
 4. sample: 100-step `engine.sample` of sr3-16-128 at batch 1 and 16 for eager fp32, eager bf16
@@ -35,8 +35,11 @@ from pathlib import Path
 from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every gpu-marked test, and the tests whose kernels run for real on a GPU (interpreted elsewhere).
 CORRECTNESS_TESTS = ("tests/test_gpu_readiness.py", "tests/test_kernels.py", "tests/test_ops.py",
-                     "tests/test_engine.py", "tests/test_tiling.py")
+                     "tests/test_engine.py", "tests/test_tiling.py", "tests/test_cpp_ext.py",
+                     "tests/test_bench.py::test_the_cuda_clock_waits_for_the_work_it_times",
+                     "tests/test_export.py::test_tensorrt_engine_matches_eager")
 OPS_SELECTION = ("group_norm_silu and (16x64x128x128 or 16x192x128x128 or 1x128x1024x1024) and not compile "
                  "or posterior_step and 32x3x512x512 and seeded")
 SAMPLE_SELECTION = "test_sample and (eager-fp32 or eager-bf16 or fused-bf16) and (batch1] or batch16])"

@@ -11,8 +11,9 @@ from the cubin with the cuobjdump it ships. A compile error or any local memory 
 
 Grid: GroupNorm+SiLU at a 1x1 bottleneck (batch 1 and 16), odd channels per group (96/24 at
 7x9, 192/32 at 16x16), sr3-16-128's 64x128x128 at batch 1 and 16 and a 128x1024x1024 map, both
-memory formats, float32/float16/bfloat16; the posterior step with drawn noise (seed in a
-register and in memory) and with given noise, in each dtype, on 1 and on 32x3x512x512 elements.
+memory formats, float32/float16/bfloat16; the posterior step with drawn noise (a small and a
+64-bit seed in a register, a seed in memory) and with given noise, in each dtype, on 1 and on
+32x3x512x512 elements.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def group_norm_silu_launches(batch: int, channels: int, groups: int, hw: int, ch
     constexprs = dict(CPG=cpg, CPG_P2=triton.next_power_of_2(cpg), GB=p.groups_per_block, BLOCK_S=p.block_s,
                       TILES=triton.cdiv(p.chunk, p.block_s), CHANNELS_INNER=p.channels_inner)
     stats = dict(x_ptr=dtype, mean_ptr=torch.float32, m2_ptr=torch.float32, **shared)
-    apply = dict(x_ptr=dtype, y_ptr=dtype, mean_ptr=torch.float32, m2_ptr=torch.float32, weight_ptr=torch.float32,
-                 bias_ptr=torch.float32, pre_bias_ptr=torch.float32, eps=1e-5, **shared)
+    # The parameters come in the module's dtype, which is x's in every engine.
+    apply = dict(x_ptr=dtype, y_ptr=dtype, mean_ptr=torch.float32, m2_ptr=torch.float32, weight_ptr=dtype,
+                 bias_ptr=dtype, pre_bias_ptr=dtype, eps=1e-5, **shared)
     apply_constexprs = dict(constexprs, CHUNKS_P2=triton.next_power_of_2(p.num_chunks), HAS_WEIGHT=True,
                             HAS_BIAS=True, HAS_PRE_BIAS=True)
     layout = "nhwc" if channels_last else "nchw"
@@ -97,11 +99,13 @@ def group_norm_silu_launches(batch: int, channels: int, groups: int, hw: int, ch
 
 
 def posterior_step_launch(numel: int, dtype: torch.dtype, noise: str, sms: int) -> Launch:
-    """The posterior step on `numel` elements of `dtype`; noise "given", "seed" or "seed tensor"."""
+    """The posterior step on `numel` elements of `dtype`; noise "given", "seed" (a small int, passed
+    as i32), "large seed" (what generators give, passed as i64) or "seed tensor"."""
     mode = ps._GIVEN_NOISE if noise == "given" else ps._DRAWN_NOISE
     block = ps._block(numel, 2 * sms)
     args = dict(y_ptr=dtype, eps_ptr=dtype, noise_ptr=dtype if noise == "given" else None, out_ptr=dtype,
-                seed_ptr=torch.int64 if noise == "seed tensor" else None, seed=1, step=1, numel=numel,
+                seed_ptr=torch.int64 if noise == "seed tensor" else None, seed=2**40 if noise == "large seed" else 1,
+                step=1, numel=numel,
                 sqrt_recip_gamma=1.0, sqrt_recipm1_gamma=1.0, coef1=0.5, coef2=0.5, sigma=0.1)
     constexprs = dict(CLIP=True, NOISE=mode.value, SEED_IN_MEMORY=noise == "seed tensor", FAST_MATH=True,
                       BLOCK=block)
@@ -114,7 +118,8 @@ def launches(arch: int) -> list[Launch]:
     for (batch, channels, groups, hw), channels_last, dtype in itertools.product(
             GROUP_NORM_SHAPES, (False, True), DTYPES):
         found += group_norm_silu_launches(batch, channels, groups, hw, channels_last, dtype, SMS[arch])
-    for numel, dtype, noise in itertools.product(POSTERIOR_NUMELS, DTYPES, ("given", "seed", "seed tensor")):
+    for numel, dtype, noise in itertools.product(POSTERIOR_NUMELS, DTYPES,
+                                                 ("given", "seed", "large seed", "seed tensor")):
         found.append(posterior_step_launch(numel, dtype, noise, SMS[arch]))
     return found
 

@@ -8,6 +8,7 @@ and a JSON config with // comments.
 
 import argparse
 import copy
+import json
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 
 import sr3_engine as sr3
 from sr3_engine.cli import main
-from sr3_engine.runtime import model_dir
+from sr3_engine.runtime import convert, model_dir
 
 UNET = sr3.UNetConfig(inner_channels=16, channel_mults=(1, 2, 2), res_blocks=1, attn_resolutions=(8,),
                       norm_groups=8, image_size=32)
@@ -68,7 +69,7 @@ def their_buffers(betas: np.ndarray) -> dict[str, torch.Tensor]:
 
 CONFIG_TEXT = """{
     "name": "sr_test", // a run of theirs
-    "path": {"log": "http://example.org/logs"}, // a // inside a string stays
+    "path": {"log": "http://example.org/logs", "note": "a \\"quoted\\" // stays"}, // a // inside a string stays
     "datasets": {
         "train": {"l_resolution": 8, "r_resolution": 32, "dataroot": "dataset/ffhq_8_32"},
         "val": {"l_resolution": 8, "r_resolution": 32}
@@ -128,6 +129,11 @@ def test_converted_weights_are_bit_identical_and_sample_the_same(tmp_path, origi
         torch.testing.assert_close(converted.sample(lr, generator=torch.Generator().manual_seed(seed)),
                                    reference.sample(lr, generator=torch.Generator().manual_seed(seed)),
                                    rtol=0, atol=0)
+
+
+def test_comments_go_and_strings_stay():
+    text = convert.strip_comments(CONFIG_TEXT % {"which": "sr3", "schedule": "linear", "steps": 5})
+    assert json.loads(text)["path"] == {"log": "http://example.org/logs", "note": 'a "quoted" // stays'}
 
 
 def test_the_condition_is_pils_bicubic_on_8_bit_levels():

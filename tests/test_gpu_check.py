@@ -68,3 +68,20 @@ def test_selections_are_valid_keyword_expressions(selection):
     from _pytest.mark.expression import Expression
 
     Expression.compile(selection)
+
+
+def test_every_gpu_marked_test_runs_in_the_correctness_stage():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    missing = []
+    for path in sorted((root / "tests").glob("test_*.py")):
+        for node in ast.parse(path.read_text()).body:
+            marked = isinstance(node, ast.FunctionDef) and any(
+                ast.unparse(decorator) == "pytest.mark.gpu" for decorator in node.decorator_list)
+            name = f"tests/{path.name}"
+            if marked and name not in gpu_check.CORRECTNESS_TESTS and f"{name}::{node.name}" not in \
+                    gpu_check.CORRECTNESS_TESTS:
+                missing.append(f"{name}::{node.name}")
+    assert missing == []

@@ -109,6 +109,17 @@ def test_backend_limits_bound_the_tiles():
     assert max(grid.tile) <= 64 and grid.tiles_per_call == 2
 
 
+@pytest.mark.parametrize("tile, size", [(16, (40, 40)), (32, (24, 24)), (8, (16, 24))])
+def test_a_forced_small_tile_gets_an_overlap_it_can_hold(tile, size):
+    grid = tiling.plan_tiles(TINY, 1, size, 4, 2**30, tile=tile, multiple=4)
+    assert max(grid.tile) <= tile and 0 <= grid.overlap < min(grid.tile) / 2 or grid.count == 1
+
+
+def test_a_forced_tile_stays_within_the_backends_largest_side():
+    grid = tiling.plan_tiles(TINY, 1, (256, 256), 4, 2**30, tile=128, multiple=4, max_side=64)
+    assert max(grid.tile) <= 64
+
+
 def test_the_activation_estimate_grows_with_batch_and_pixels():
     one = activation_bytes(TINY, 1, 64, 64, 4)
     assert activation_bytes(TINY, 3, 64, 64, 4) == 3 * one

@@ -62,8 +62,8 @@ def strip_comments(text: str) -> str:
         char = text[i]
         if in_string:
             out.append(char)
-            escaped = char == "\\" and not escaped
             in_string = not (char == '"' and not escaped)
+            escaped = char == "\\" and not escaped
         elif char == '"':
             in_string = True
             out.append(char)
@@ -192,12 +192,12 @@ def _inferred_schedule(betas: np.ndarray) -> ScheduleConfig | None:
     # The buffers are float32: the shortest decimal that rounds to the same float32 is what the
     # config said (1e-06, not 9.99999997e-07).
     steps, start, end = len(betas), float(str(np.float32(betas[0]))), float(str(np.float32(betas[-1])))
-    candidates = [ScheduleConfig("linear", steps, start, end), ScheduleConfig("quad", steps, start, end),
-                  ScheduleConfig("const", steps, end, end), ScheduleConfig("cosine", steps),
-                  ScheduleConfig("warmup", steps, start, end, warmup_frac=0.1),
-                  ScheduleConfig("warmup", steps, start, end, warmup_frac=0.5)]
-    for config in candidates:
+    candidates = [("linear", start, end, {}), ("quad", start, end, {}), ("const", end, end, {}),
+                  ("cosine", 1e-6, 1e-2, {}), ("warmup", start, end, {"warmup_frac": 0.1}),
+                  ("warmup", start, end, {"warmup_frac": 0.5})]
+    for kind, start_, end_, extra in candidates:
         try:
+            config = ScheduleConfig(kind, steps, start_, end_, **extra)
             candidate = NoiseSchedule.from_config(config).betas
         except ValueError:
             continue
@@ -366,7 +366,10 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, *, config: st
     if base is None:
         raise ConvertError(f"{checkpoint}: no schedule buffers and no --config: nothing says the noise schedule")
     inference = dataclasses.replace(base, respace=min(steps, base.steps))
-    spec = model_dir.ModelSpec(unet, inference, SamplerConfig("ancestral"), model_scale,
-                               resampler="pil-bicubic", train_schedule=train)
+    try:
+        spec = model_dir.ModelSpec(unet, inference, SamplerConfig("ancestral"), model_scale,
+                                   resampler="pil-bicubic", train_schedule=train)
+    except ValueError as error:
+        raise ConvertError(f"{config_path or checkpoint}: {one_line(error)}") from None
     model_dir.replace(out, model.state_dict(), spec, tag=f"{os.getpid()}-convert")
     return Conversion(out, spec, train, tuple(inferred))

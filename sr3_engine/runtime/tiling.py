@@ -30,14 +30,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Callable
-
 import torch
 
 from ..config import UNetConfig
+from ..samplers import Denoiser
 from ..unet import activation_bytes
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 CPU_BUDGET_CAP = 2**30
 # Library workspace (oneDNN, allocator) that activation_bytes does not count, and a margin on it.
 WORKSPACE_BYTES = 32 * 2**20
@@ -168,12 +166,16 @@ def plan_tiles(config: UNetConfig | None, batch: int, size: tuple[int, int], ite
         largest = tile // multiple * multiple
     else:
         largest = _largest_side(config, itemsize, budget, multiple) if config is not None else max(height, width)
-        if max_side is not None:
-            largest = min(largest, max_side // multiple * multiple)
+    if max_side is not None:
+        largest = min(largest, max_side // multiple * multiple)
     if overlap is None:
-        overlap = default_overlap(min(largest, max(height, width)), multiple)
+        # The default, but under half of a tile the caller forced to be small.
+        overlap = min(default_overlap(min(largest, max(height, width)), multiple),
+                      max(0, (largest // 2 - 1) // multiple * multiple) if tile is not None else largest)
     if largest < 2 * overlap + multiple and tile is None:
         side = 2 * overlap + multiple
+        if config is None:
+            raise MemoryBudgetError(f"a {side}x{side} tile is over the backend's largest tile side {max_side}")
         need = working_bytes(config, 1, side, side, itemsize)
         raise MemoryBudgetError(f"even a {side}x{side} tile needs {need / 2**20:.0f} MiB of working memory; "
                                 f"the budget is {budget / 2**20:.0f} MiB")
@@ -223,6 +225,9 @@ class TiledDenoiser:
         self.grid = grid
         self.rows = grid.windows(0, device)
         self.columns = grid.windows(1, device)
+        # Which image of the batch each tile of a call belongs to, made once, not at every step.
+        self._images: dict[tuple[int, int], torch.Tensor] = {}
+        self._device = device
 
     def __call__(self, x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
         grid = self.grid
@@ -236,9 +241,15 @@ class TiledDenoiser:
                         slice(column_starts[c], column_starts[c] + tile_w)) for b, r, c in chunk]
             x_tiles = torch.stack([x_up[b, :, rows, columns] for b, rows, columns in windows])
             y_tiles = torch.stack([y_t[b, :, rows, columns] for b, rows, columns in windows])
-            levels = noise_level[torch.tensor([b for b, _, _ in chunk], device=noise_level.device)]
+            levels = noise_level[self._image_index(chunk, first)]
             tile_eps = self.denoise(x_tiles, y_tiles, levels)
             for k, ((b, r, c), (_, rows, columns)) in enumerate(zip(chunk, windows)):
                 weight = self.rows[r][:, None] * self.columns[c][None, :]
                 eps[b, :, rows, columns] += tile_eps[k].float() * weight
         return eps
+
+    def _image_index(self, chunk: list[tuple[int, int, int]], first: int) -> torch.Tensor:
+        key = (first, len(chunk))
+        if key not in self._images:
+            self._images[key] = torch.tensor([b for b, _, _ in chunk], device=self._device)
+        return self._images[key]

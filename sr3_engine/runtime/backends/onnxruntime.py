@@ -12,7 +12,7 @@ Providers are chosen explicitly, never by onnxruntime's fallback: CPUExecutionPr
 the CPU; on CUDA, CUDAExecutionProvider or BackendUnavailableError. On CUDA the inputs and
 output are bound to the torch tensors' device memory (IO binding) and the session runs on a
 stream the backend owns, ordered after and before torch's current stream by stream waits, so
-nothing is copied through the host and the host never waits.
+nothing is copied through the host.
 bfloat16 is refused: onnxruntime's CPU provider has no bfloat16 Conv and IO binding takes
 numpy element types, which have no bfloat16.
 """
