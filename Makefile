@@ -15,7 +15,7 @@ PYTEST_ARGS ?= -m "not slow"
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_ARCH ?= sm_90
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
-EXT_SOURCES := CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+EXT_SOURCES := CMakeLists.txt $(shell find csrc cmake -type f 2>/dev/null)
 
 .PHONY: install test test-all check-cuda check-triton demo bench gpu-check clean
 

@@ -308,3 +308,18 @@ def test_cuda_kernels_three_way(dtype, atol, shape, groups, channels_last):
     seeded = dict(sqrt_recip_gamma=1.0, sqrt_recipm1_gamma=1.0, coef1=0.0, coef2=0.0, sigma=1.0, seed=3, step=1)
     torch.testing.assert_close(ops.posterior_step(zeros, zeros, backend="cpp", **seeded).cpu(),
                                ops.posterior_step(zeros.cpu(), zeros.cpu(), backend="cpp", **seeded), rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+@pytest.mark.parametrize("architectures, torch_spelling", [("80;90", "8.0;9.0"), ("90a;120-real", "9.0a;12.0"),
+                                                           ("75", "7.5")])
+def test_torch_is_given_the_extensions_cuda_architectures(tmp_path, architectures, torch_spelling):
+    # Without them torch's CMake config falls back to a list from compute_50 on a build host that
+    # sees no GPU, which nvcc 13 rejects, and the CUDA kernels would silently not be built.
+    script = tmp_path / "arch.cmake"
+    script.write_text(f'include("{ROOT / "cmake" / "TorchCudaArchList.cmake"}")\n'
+                      f'sr3_torch_cuda_arch_list(out "{architectures}")\nmessage("${{out}}")\n')
+    result = subprocess.run(["cmake", "-P", str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == torch_spelling
+    assert "sr3_torch_cuda_arch_list(" in (ROOT / "CMakeLists.txt").read_text()
