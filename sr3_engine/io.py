@@ -198,8 +198,9 @@ def check_writable(folder: str | os.PathLike) -> None:
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
     probe, handle = _create_temporary(existing / "write-probe")
-    os.close(handle)
+    # Unlinked while its lock is held: once closed, another process's sweep may take it first.
     probe.unlink()
+    os.close(handle)
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
