@@ -180,7 +180,10 @@ def test_two_processes_sharing_an_output_folder_write_each_name_once(tmp_path, m
 @pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted"),
                                                 (signal.SIGTERM, 143, "terminated")])
 def test_ctrl_c_and_sigterm_while_writing_leave_no_temporary(tmp_path, model_dir, signum, code, line):
-    script = ("import os, sys, time\n"
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then
+    # keeps ignoring it; a Ctrl-C at a terminal reaches a process with the default handler.
+    script = ("import os, signal, sys, time\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
               "from PIL import Image\n"
               "from sr3_engine.cli import main\n"
               "save = Image.Image.save\n"
