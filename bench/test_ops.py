@@ -42,7 +42,7 @@ GROUP_NORM_CASES = {
     + [(4, chw, "channels_last", torch.bfloat16) for chw in SR3_16_128_ACTIVATIONS],
 }
 POSTERIOR_SHAPES = ((1, 3, 128, 128), (32, 3, 128, 128), (32, 3, 512, 512))
-COEFFICIENTS = dict(sqrt_recip_gamma=1.3, sqrt_recipm1_gamma=0.8, coef1=0.3, coef2=0.7, sigma=0.05)
+COEFFICIENTS = dict(state_coef=1.3, output_coef=0.8, coef1=0.3, coef2=0.7, sigma=0.05)
 
 
 def _case_id(case) -> str:

@@ -1,12 +1,12 @@
 // The tensor layer of sr3_engine._C: the torch operators
 //   sr3_engine_cpp::group_norm_silu(x, num_groups, weight?, bias?, pre_bias?, eps)
-//   sr3_engine_cpp::posterior_step(y_t, eps, noise?, seed?, step, sqrt_recip_gamma,
-//                                  sqrt_recipm1_gamma, coef1, coef2, sigma, clip)
+//   sr3_engine_cpp::posterior_step(y_t, pred, noise?, seed?, step, state_coef,
+//                                  output_coef, coef1, coef2, sigma, clip)
 // (math in sr3_kernels.h), their argument checks, and the hand-off to the torch-free kernels.
 //
 // Every bad argument raises a one-line ValueError that names the operator, before any kernel
 // runs. x and y_t must be dense: contiguous (NCHW) or channels_last; the output keeps their
-// strides. posterior_step brings eps and noise to y_t's layout (copying only if they differ).
+// strides. posterior_step brings pred and noise to y_t's layout (copying only if they differ).
 // weight, bias and pre_bias may be any floating dtype; the kernels read them as float32.
 // CPU tensors run on at::get_num_threads() OpenMP threads. CUDA tensors run on the current
 // stream of their device when the CUDA kernels were built (SR3_ENGINE_WITH_CUDA), and are
@@ -123,16 +123,16 @@ at::Tensor group_norm_silu(const at::Tensor& x, int64_t num_groups, const std::o
   return out;
 }
 
-at::Tensor posterior_step(const at::Tensor& y_t, const at::Tensor& eps, const std::optional<at::Tensor>& noise,
-                          std::optional<int64_t> seed, int64_t step, double sqrt_recip_gamma,
-                          double sqrt_recipm1_gamma, double coef1, double coef2, double sigma, bool clip) {
+at::Tensor posterior_step(const at::Tensor& y_t, const at::Tensor& pred, const std::optional<at::Tensor>& noise,
+                          std::optional<int64_t> seed, int64_t step, double state_coef,
+                          double output_coef, double coef1, double coef2, double sigma, bool clip) {
   check_cuda_built(y_t, kPosterior);
   sr3::PosteriorStepArgs args;
   args.y_dtype = dtype_of(y_t, kPosterior, "y_t");
-  args.eps_dtype = dtype_of(eps, kPosterior, "eps");
-  TORCH_CHECK_VALUE(eps.sizes() == y_t.sizes(), kPosterior, "eps has shape ", eps.sizes(), " but y_t has ",
+  args.pred_dtype = dtype_of(pred, kPosterior, "pred");
+  TORCH_CHECK_VALUE(pred.sizes() == y_t.sizes(), kPosterior, "pred has shape ", pred.sizes(), " but y_t has ",
                     y_t.sizes());
-  check_device(eps, y_t, kPosterior, "eps", "y_t");
+  check_device(pred, y_t, kPosterior, "pred", "y_t");
   const bool has_noise = noise.has_value() && noise->defined();
   if (has_noise) {
     args.noise_dtype = dtype_of(*noise, kPosterior, "noise");
@@ -144,17 +144,17 @@ at::Tensor posterior_step(const at::Tensor& y_t, const at::Tensor& eps, const st
   TORCH_CHECK_VALUE(sigma == 0.0 || has_noise || seed.has_value(), kPosterior, "sigma != 0 needs noise or a seed");
   const auto format = is_channels_last(y_t, kPosterior, "y_t") ? at::MemoryFormat::ChannelsLast
                                                                 : at::MemoryFormat::Contiguous;
-  const at::Tensor e = eps.contiguous(format);
+  const at::Tensor e = pred.contiguous(format);
   const at::Tensor z = has_noise && sigma != 0.0 ? noise->contiguous(format) : at::Tensor();
   at::Tensor out = at::empty_like(y_t);
   if (out.numel() == 0) return out;
   args.y_t = y_t.data_ptr();
-  args.eps = e.data_ptr();
+  args.pred = e.data_ptr();
   args.noise = z.defined() ? z.data_ptr() : nullptr;
   args.out = out.data_ptr();
   args.numel = y_t.numel();
-  args.sqrt_recip_gamma = static_cast<float>(sqrt_recip_gamma);
-  args.sqrt_recipm1_gamma = static_cast<float>(sqrt_recipm1_gamma);
+  args.state_coef = static_cast<float>(state_coef);
+  args.output_coef = static_cast<float>(output_coef);
   args.coef1 = static_cast<float>(coef1);
   args.coef2 = static_cast<float>(coef2);
   args.sigma = static_cast<float>(sigma);
@@ -181,8 +181,8 @@ at::Tensor posterior_step(const at::Tensor& y_t, const at::Tensor& eps, const st
 TORCH_LIBRARY(sr3_engine_cpp, m) {
   m.def("group_norm_silu(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? pre_bias, float eps)"
         " -> Tensor");
-  m.def("posterior_step(Tensor y_t, Tensor eps, Tensor? noise, int? seed, int step, float sqrt_recip_gamma,"
-        " float sqrt_recipm1_gamma, float coef1, float coef2, float sigma, bool clip) -> Tensor");
+  m.def("posterior_step(Tensor y_t, Tensor pred, Tensor? noise, int? seed, int step, float state_coef,"
+        " float output_coef, float coef1, float coef2, float sigma, bool clip) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sr3_engine_cpp, CPU, m) {

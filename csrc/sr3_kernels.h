@@ -10,8 +10,10 @@
 //   accumulated in double around a pivot (the group's first value), so fp32 statistics are exact
 //   to fp32 rounding whatever the data's offset. x and out are dense, NCHW or NHWC (channels_last).
 //
-// posterior_step:   y0  = y_t * sqrt_recip_gamma - eps * sqrt_recipm1_gamma   (clamped to [-1, 1] if clip)
+// posterior_step:   y0  = y_t * state_coef - pred * output_coef   (clamped to [-1, 1] if clip)
 //                   out = coef1 * y0 + coef2 * y_t + sigma * z
+//   pred is the network's output, whatever it estimates (eps, y0 or v): state_coef and
+//   output_coef turn it into y0 (diffusion.py's table), so one kernel serves every target.
 //   in float32; z is read from `noise`, drawn from Philox (philox.h) for (seed, step, element), or
 //   absent. All tensors are dense in the same memory order; element i is the i-th in memory.
 #pragma once
@@ -42,12 +44,12 @@ enum class NoiseMode : int { kNone = 0, kGiven = 1, kPhilox = 2 };
 
 struct PosteriorStepArgs {
   const void* y_t = nullptr;
-  const void* eps = nullptr;
+  const void* pred = nullptr;
   const void* noise = nullptr;       // read only when noise_mode == kGiven
   void* out = nullptr;               // y_dtype
-  DType y_dtype = DType::kFloat32, eps_dtype = DType::kFloat32, noise_dtype = DType::kFloat32;
+  DType y_dtype = DType::kFloat32, pred_dtype = DType::kFloat32, noise_dtype = DType::kFloat32;
   int64_t numel = 0;
-  float sqrt_recip_gamma = 0.f, sqrt_recipm1_gamma = 0.f, coef1 = 0.f, coef2 = 0.f, sigma = 0.f;
+  float state_coef = 0.f, output_coef = 0.f, coef1 = 0.f, coef2 = 0.f, sigma = 0.f;
   bool clip = true;
   NoiseMode noise_mode = NoiseMode::kNone;
   int64_t seed = 0, step = 0;        // used when noise_mode == kPhilox

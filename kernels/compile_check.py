@@ -106,7 +106,7 @@ def posterior_step_launch(numel: int, dtype: torch.dtype, noise: str, sms: int) 
     args = dict(y_ptr=dtype, eps_ptr=dtype, noise_ptr=dtype if noise == "given" else None, out_ptr=dtype,
                 seed_ptr=torch.int64 if noise == "seed tensor" else None, seed=2**40 if noise == "large seed" else 1,
                 step=1, numel=numel,
-                sqrt_recip_gamma=1.0, sqrt_recipm1_gamma=1.0, coef1=0.5, coef2=0.5, sigma=0.1)
+                state_coef=1.0, output_coef=1.0, coef1=0.5, coef2=0.5, sigma=0.1)
     constexprs = dict(CLIP=True, NOISE=mode.value, SEED_IN_MEMORY=noise == "seed tensor", FAST_MATH=True,
                       BLOCK=block)
     return (ps._posterior_step_kernel, args, constexprs, min(8, block // 256),

@@ -2,10 +2,10 @@
 
 Math, elementwise, in float32 whatever the input dtypes:
 
-    y0_hat = y_t * sqrt_recip_gamma - eps * sqrt_recipm1_gamma      (clamped to [-1, 1] if clip)
+    y0_hat = y_t * state_coef - pred * output_coef      (clamped to [-1, 1] if clip)
     out    = coef1 * y0_hat + coef2 * y_t + sigma * z
 
-DDIM is the same update with its own coef1, coef2 and sigma. y_t and eps are read once and
+DDIM is the same update with its own coef1, coef2 and sigma. y_t and pred are read once and
 out written once; z is either read from a given `noise` tensor or drawn inside the kernel,
 so no noise tensor is ever materialised:
 
@@ -20,7 +20,7 @@ tensor's size, and two different (seed, step) pairs never share a Philox input. 
 an int or a 0-d int64 tensor on the tensors' device, read inside the kernel: a captured CUDA
 graph then draws new noise on replay after the tensor is updated in place.
 
-Limits: y_t, eps (and noise, out) of one shape on one device, float32/float16/bfloat16 each;
+Limits: y_t, pred (and noise, out) of one shape on one device, float32/float16/bfloat16 each;
 out has y_t's dtype. Tensors that are not all dense in one layout (contiguous or
 channels_last) are copied to one first. Seeds are taken modulo 2**64 as signed int64.
 """
@@ -66,18 +66,18 @@ def _normal_pair(bits_a, bits_b, FAST_MATH: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
-def _posterior_step_kernel(y_ptr, eps_ptr, noise_ptr, out_ptr, seed_ptr, seed, step, numel,
-                           sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma,
+def _posterior_step_kernel(y_ptr, pred_ptr, noise_ptr, out_ptr, seed_ptr, seed, step, numel,
+                           state_coef, output_coef, coef1, coef2, sigma,
                            CLIP: tl.constexpr, NOISE: tl.constexpr, SEED_IN_MEMORY: tl.constexpr,
                            FAST_MATH: tl.constexpr, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offsets = tl.arange(0, BLOCK)
     mask = offsets < numel - start
     y = tl.load(y_ptr + start + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    e = tl.load(eps_ptr + start + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    y0_hat = y * sqrt_recip_gamma - e * sqrt_recipm1_gamma
+    e = tl.load(pred_ptr + start + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    y0_hat = y * state_coef - e * output_coef
     if CLIP:
-        # NaN must survive the clip, or the sampler's non-finite check never sees a bad eps.
+        # NaN must survive the clip, or the sampler's non-finite check never sees a bad pred.
         y0_hat = tl.minimum(tl.maximum(y0_hat, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
                             propagate_nan=tl.PropagateNan.ALL)
     result = coef1 * y0_hat + coef2 * y
@@ -112,10 +112,10 @@ def _block(numel: int, programs: int) -> int:
     return min(4096, max(512, triton.next_power_of_2(per_program + 1) // 2))
 
 
-def _check(y_t, eps, noise, seed, sigma, out) -> None:
+def _check(y_t, pred, noise, seed, sigma, out) -> None:
     """The shared rules of `ops.posterior_step`, then what this kernel adds: the device."""
-    check_arguments(y_t, eps, noise, seed, sigma, out=out, op="posterior_step (triton)")
-    for name, tensor in (("y_t", y_t), ("eps", eps), ("noise", noise)):
+    check_arguments(y_t, pred, noise, seed, sigma, out=out, op="posterior_step (triton)")
+    for name, tensor in (("y_t", y_t), ("pred", pred), ("noise", noise)):
         if tensor is not None and tensor.dtype not in dispatch.FLOAT_DTYPES:
             raise ValueError(f"posterior_step (triton): {name} has dtype {tensor.dtype}; the kernel takes float32, "
                              "float16, bfloat16")
@@ -124,15 +124,15 @@ def _check(y_t, eps, noise, seed, sigma, out) -> None:
         raise ValueError(f"posterior_step (triton): y_t is on {y_t.device}: {reason}")
 
 
-def posterior_step_triton(y_t: torch.Tensor, eps: torch.Tensor, *, sqrt_recip_gamma: float,
-                          sqrt_recipm1_gamma: float, coef1: float, coef2: float, sigma: float,
+def posterior_step_triton(y_t: torch.Tensor, pred: torch.Tensor, *, state_coef: float,
+                          output_coef: float, coef1: float, coef2: float, sigma: float,
                           noise: Optional[torch.Tensor] = None, seed=None, step: int = 0, clip: bool = True,
                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One update; `seed` is an int or a 0-d int64 tensor; `out` (may be y_t itself) receives
     the result, for callers that keep static buffers such as a captured CUDA graph."""
-    _check(y_t, eps, noise, seed, sigma, out)
+    _check(y_t, pred, noise, seed, sigma, out)
     fmt = dispatch.dense_format(y_t)
-    y_t, eps = y_t.contiguous(memory_format=fmt), eps.contiguous(memory_format=fmt)
+    y_t, pred = y_t.contiguous(memory_format=fmt), pred.contiguous(memory_format=fmt)
     if out is None:
         out = torch.empty_like(y_t, memory_format=fmt)
     numel = y_t.numel()
@@ -148,9 +148,9 @@ def posterior_step_triton(y_t: torch.Tensor, eps: torch.Tensor, *, sqrt_recip_ga
     block = _block(numel, programs_to_fill(y_t.device))
     with torch.cuda.device(y_t.device) if y_t.is_cuda else contextlib.nullcontext():
         _posterior_step_kernel[(triton.cdiv(numel, block),)](
-            y_t, eps, noise, out, seed if seed_in_memory else None,
+            y_t, pred, noise, out, seed if seed_in_memory else None,
             0 if seed_in_memory or mode != _DRAWN_NOISE else dispatch.as_int64_seed(seed), int(step), numel,
-            float(sqrt_recip_gamma), float(sqrt_recipm1_gamma), float(coef1), float(coef2), float(sigma),
+            float(state_coef), float(output_coef), float(coef1), float(coef2), float(sigma),
             CLIP=bool(clip), NOISE=mode, SEED_IN_MEMORY=seed_in_memory, FAST_MATH=not INTERPRETED, BLOCK=block,
             num_warps=min(8, block // 256),
         )
@@ -161,29 +161,29 @@ def posterior_step_triton(y_t: torch.Tensor, eps: torch.Tensor, *, sqrt_recip_ga
 
 
 @torch.library.custom_op("sr3_engine::posterior_step", mutates_args=())
-def posterior_step_op(y_t: torch.Tensor, eps: torch.Tensor, noise: Optional[torch.Tensor],
+def posterior_step_op(y_t: torch.Tensor, pred: torch.Tensor, noise: Optional[torch.Tensor],
                       seed_tensor: Optional[torch.Tensor], seed: Optional[int], step: int,
-                      sqrt_recip_gamma: float, sqrt_recipm1_gamma: float, coef1: float, coef2: float,
+                      state_coef: float, output_coef: float, coef1: float, coef2: float,
                       sigma: float, clip: bool) -> torch.Tensor:
     """The kernel as an opaque op for torch.compile and CUDA graph capture; the seed is either
     `seed_tensor` (0-d int64, read on the device) or the int `seed`."""
     return posterior_step_triton(
-        y_t, eps, sqrt_recip_gamma=sqrt_recip_gamma, sqrt_recipm1_gamma=sqrt_recipm1_gamma, coef1=coef1,
+        y_t, pred, state_coef=state_coef, output_coef=output_coef, coef1=coef1,
         coef2=coef2, sigma=sigma, noise=noise, seed=seed_tensor if seed_tensor is not None else seed,
         step=step, clip=clip,
     )
 
 
 @posterior_step_op.register_fake
-def _(y_t, eps, noise, seed_tensor, seed, step, sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma, clip):
+def _(y_t, pred, noise, seed_tensor, seed, step, state_coef, output_coef, coef1, coef2, sigma, clip):
     return torch.empty_like(y_t, memory_format=dispatch.dense_format(y_t))
 
 
-def _dispatch(y_t, eps, sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma, noise, seed, step, clip):
+def _dispatch(y_t, pred, state_coef, output_coef, coef1, coef2, sigma, noise, seed, step, clip):
     seed_tensor = seed if isinstance(seed, torch.Tensor) else None
     int_seed = None if seed is None or seed_tensor is not None else dispatch.as_int64_seed(seed)
-    return posterior_step_op(y_t, eps, noise, seed_tensor, int_seed, step,
-                             sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma, clip)
+    return posterior_step_op(y_t, pred, noise, seed_tensor, int_seed, step,
+                             state_coef, output_coef, coef1, coef2, sigma, clip)
 
 
 dispatch.register("posterior_step", "triton", _dispatch, why_not_runnable, device_seed=True)

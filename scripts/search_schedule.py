@@ -1,13 +1,21 @@
-"""Choose a trained model's default inference schedule by search on held-out photos.
+"""Choose a trained model's default sampler and schedule on tuning photos, and measure
+candidates on held-out ones.
 
 SR3 conditions the network on the noise level, not the step, so the schedule used for
 sampling is free: this script scores candidate (sampler, schedule, strength) on centre crops
-of the held-out set with `sr3_engine evaluate`'s library, prints and writes the table, and with
---ship writes the model with the best candidate (highest mean PSNR among those whose
-consistency stays within 2x of bicubic's) as its default, weights in float16.
+with `sr3_engine evaluate`'s library (PSNR, SSIM, consistency, detail; `--samples` draws,
+seeds 0..K-1), prints a Markdown table row per candidate and writes them all to --out.
 
-    python scripts/search_schedule.py --model runs/demo-x4/model --data data/demo/val \
-        --out runs/demo-x4/search.json --ship sr3_engine/assets/demo-x4
+Run it on tuning photos to choose (the training photos' centre crops: never the held-out
+set), then once on the held-out set with the chosen few (`--only`) to report. With --ship
+it writes the model with the best candidate (highest mean PSNR among those that beat
+bicubic's SSIM and keep the consistency within 2x of bicubic's) as its default, weights in
+float16.
+
+    python scripts/search_schedule.py --model runs/demo-x4/model --data data/demo/train --limit 8 \
+        --out runs/demo-x4/tune.json --ship sr3_engine/assets/demo-x4
+    python scripts/search_schedule.py --model sr3_engine/assets/demo-x4 --data data/demo/val --crop 256 \
+        --samples 2 --only 0 5 --out runs/demo-x4/heldout.json
 """
 
 from __future__ import annotations
@@ -32,9 +40,16 @@ CANDIDATES = [
     ("ancestral", "linear", 50, 0.2, 1.0),
     ("ancestral", "train-respaced", 50, None, 1.0),
     ("ddim", "linear", 50, 0.2, 1.0),
+    ("dpmpp_2m", "linear", 50, 0.2, 1.0),
+    ("dpmpp_2m", "linear", 20, 0.5, 1.0),
+    ("dpmpp_2m", "train-respaced", 20, None, 1.0),
+    ("ddim", "train-respaced", 1, None, 1.0),
     *[(sampler, "linear", 100, 0.1, strength) for sampler in ("ancestral", "ddim") for strength in (0.5, 0.3, 0.2)],
-    *[(sampler, "train-respaced", 100, None, 0.3) for sampler in ("ancestral", "ddim")],
+    ("dpmpp_2m", "linear", 100, 0.1, 0.3),
+    ("dpmpp_2m", "linear", 100, 0.1, 0.5),
 ]
+HEADER = ("| target | sampler | schedule | steps run | strength | PSNR | SSIM | detail | consistency | s/image |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def schedule_for(kind: str, steps: int, end: float | None, train: sr3.ScheduleConfig) -> sr3.NoiseSchedule:
@@ -43,44 +58,64 @@ def schedule_for(kind: str, steps: int, end: float | None, train: sr3.ScheduleCo
     return sr3.NoiseSchedule.linear(steps, 1e-4, end)
 
 
+def markdown_row(row: dict) -> str:
+    model = row["model"]
+    return (f"| {row['prediction']} | {row['sampler']['name']} | {row['label']} | {row['steps_run']} | "
+            f"{row['sampler']['strength']} | {model['psnr']:.2f} | {model['ssim']:.4f} | {model['detail']:.2f} | "
+            f"{model['consistency']:.2e} | {row['seconds_per_image']:.1f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--crop", type=int, default=128)
-    parser.add_argument("--train-schedule", default='{"kind": "linear", "steps": 2000, "start": 1e-6, "end": 0.01}')
+    parser.add_argument("--limit", type=int, default=None, help="use the first N images (sorted by path)")
+    parser.add_argument("--samples", type=int, default=1, help="draws per image (seeds 0..K-1)")
+    parser.add_argument("--only", type=int, nargs="*", default=None, help="indices into CANDIDATES")
+    parser.add_argument("--train-schedule", default=None,
+                        help="ScheduleConfig JSON of the training schedule (default: the model's)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--ship", type=Path, default=None, help="write the model with the best schedule here")
+    parser.add_argument("--ship", type=Path, default=None, help="write the model with the best candidate here")
     args = parser.parse_args()
 
     engine = sr3.SR3Engine.from_pretrained(args.model, progress=False)
-    train = sr3.ScheduleConfig.from_json(args.train_schedule)
-    paths = usable_images(args.data, args.crop)
+    spec = model_dir.read_spec(model_dir.resolve(args.model))
+    train = (sr3.ScheduleConfig.from_json(args.train_schedule) if args.train_schedule
+             else spec.train_schedule or sr3.ScheduleConfig())
+    paths = usable_images(args.data, args.crop)[:args.limit]
     hr = load_centre_crops(paths, args.crop)
     names = [p.stem for p in paths]
-    rows = []
-    for sampler, kind, steps, end, strength in CANDIDATES:
+    candidates = [CANDIDATES[i] for i in args.only] if args.only is not None else CANDIDATES
+    rows, bicubic = [], None
+    print(HEADER)
+    for sampler, kind, steps, end, strength in candidates:
         schedule = schedule_for(kind, steps, end, train)
         config = sr3.SamplerConfig(sampler, strength=strength)
         started = time.perf_counter()
-        results, _, _, _ = evaluate(engine, hr, names, sampler=config, schedule=schedule)
+        results, _, _, _ = evaluate(engine, hr, names, sampler=config, schedule=schedule, samples=args.samples)
+        seconds = time.perf_counter() - started
         model, bicubic = mean_scores([r.model for r in results]), mean_scores([r.bicubic for r in results])
-        rows.append({"sampler": config.to_dict(), "schedule": schedule.config.to_dict(),
-                     "label": f"{kind} {steps}" + (f" end {end}" if end else "") + f" strength {strength}",
-                     "model": dataclasses.asdict(model),
-                     "bicubic": dataclasses.asdict(bicubic), "seconds": time.perf_counter() - started})
-        print(f"{sampler:9} {rows[-1]['label']:36} PSNR {model.psnr:6.2f} (bicubic {bicubic.psnr:6.2f})  "
-              f"SSIM {model.ssim:.4f} ({bicubic.ssim:.4f})  consistency {model.consistency:.2e} "
-              f"({bicubic.consistency:.2e})  {rows[-1]['seconds']:.0f} s", flush=True)
-    admissible = [r for r in rows if r["model"]["consistency"] <= 2 * r["bicubic"]["consistency"]] or rows
+        rows.append({"prediction": engine.prediction, "sampler": config.to_dict(), "schedule": schedule.config.to_dict(),
+                     "label": f"{kind} {steps}" + (f" end {end}" if end else ""),
+                     "steps_run": sr3.make_plan(schedule, config).num_steps,
+                     "model": dataclasses.asdict(model), "per_image": [dataclasses.asdict(r.model) for r in results],
+                     "seconds_per_image": seconds / (len(names) * args.samples)})
+        print(markdown_row(rows[-1]), flush=True)
+    print(f"| bicubic | | | | | {bicubic.psnr:.2f} | {bicubic.ssim:.4f} | {bicubic.detail:.2f} | "
+          f"{bicubic.consistency:.2e} | |")
+    admissible = [r for r in rows if r["model"]["ssim"] > bicubic.ssim
+                  and r["model"]["consistency"] <= 2 * bicubic.consistency] or rows
     best = max(admissible, key=lambda r: (r["model"]["psnr"], r["model"]["ssim"]))
-    args.out.write_text(json.dumps({"data": str(args.data), "crop": args.crop, "images": names,
-                                    "rows": rows, "best": best}, indent=2) + "\n")
-    print(f"best: {best['sampler']['name']} {best['label']}; wrote {args.out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"data": str(args.data), "crop": args.crop, "samples": args.samples,
+                                    "images": names, "rows": rows, "bicubic": dataclasses.asdict(bicubic),
+                                    "best": best}, indent=2) + "\n")
+    print(f"best: {best['sampler']['name']} {best['label']} strength {best['sampler']['strength']}; wrote {args.out}")
     if args.ship is not None:
-        spec = ModelSpec(engine.model.config, sr3.ScheduleConfig.from_dict(best["schedule"]),
-                         sr3.SamplerConfig.from_dict(best["sampler"]), engine.scale, engine.resampler)
-        model_dir.write(args.ship, engine.model.state_dict(), spec, weights_dtype=torch.float16)
+        shipped = ModelSpec(engine.model.config, sr3.ScheduleConfig.from_dict(best["schedule"]),
+                            sr3.SamplerConfig.from_dict(best["sampler"]), engine.scale, engine.resampler, train)
+        model_dir.write(args.ship, engine.model.state_dict(), shipped, weights_dtype=torch.float16)
         print(f"shipped {args.ship}")
     return 0
 

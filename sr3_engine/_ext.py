@@ -72,7 +72,7 @@ def _register_torch_extras() -> None:
         return torch.empty_like(x)
 
     @torch.library.register_fake(f"{_NAMESPACE}::posterior_step")
-    def _(y_t, eps, noise, seed, step, sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma, clip):
+    def _(y_t, pred, noise, seed, step, state_coef, output_coef, coef1, coef2, sigma, clip):
         return torch.empty_like(y_t)
 
 
@@ -80,11 +80,11 @@ def _group_norm_silu_cpp(x, num_groups, weight, bias, eps, pre_bias):
     return torch.ops.sr3_engine_cpp.group_norm_silu(x, num_groups, weight, bias, pre_bias, float(eps))
 
 
-def _posterior_step_cpp(y_t, eps, sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma, noise, seed, step,
+def _posterior_step_cpp(y_t, pred, state_coef, output_coef, coef1, coef2, sigma, noise, seed, step,
                         clip):
     return torch.ops.sr3_engine_cpp.posterior_step(
-        y_t, eps, noise, seed, dispatch.as_int64_seed(step), sqrt_recip_gamma,
-        sqrt_recipm1_gamma, coef1, coef2, sigma, bool(clip),
+        y_t, pred, noise, seed, dispatch.as_int64_seed(step), state_coef,
+        output_coef, coef1, coef2, sigma, bool(clip),
     )
 
 

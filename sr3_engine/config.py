@@ -21,6 +21,8 @@ from typing import Any, Mapping, TypeVar
 T = TypeVar("T", bound="JsonConfig")
 
 NOISE_LEVEL_INPUTS = ("sqrt_gamma", "gamma")
+# What the network's output estimates (diffusion.PREDICTION_TARGETS has the equations).
+PREDICTIONS = ("eps", "y0", "v")
 SCHEDULE_KINDS = ("linear", "cosine", "warmup", "quad", "const")
 # Far beyond any published schedule (SR3 trains with 2000 steps); its float64 tables already
 # take a few MB, and a typo such as 10**10 must not become an attempt to allocate 80 GB.
@@ -109,6 +111,11 @@ class UNetConfig(JsonConfig):
     `image_size` only decides at which feature-map sizes attention is placed
     (`attn_resolutions`); the network itself runs on any H, W divisible by
     2 ** (len(channel_mults) - 1).
+
+    `prediction` is what the output estimates: the noise eps (SR3, and every imported
+    checkpoint), the clean image y0 (the paper's alternative) or the velocity
+    v = sqrt(gamma) eps - sqrt(1 - gamma) y0 (Salimans and Ho 2022). It changes no parameter;
+    config files without it are eps models.
     """
 
     channels: int = 3
@@ -123,6 +130,7 @@ class UNetConfig(JsonConfig):
     skip_rescale: bool = False
     film: bool = False
     noise_level_input: str = "sqrt_gamma"
+    prediction: str = "eps"
 
     def __post_init__(self) -> None:
         self.check_field_types()
@@ -137,6 +145,7 @@ class UNetConfig(JsonConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1); got {self.dropout!r}")
         _check_choice("UNetConfig", "noise_level_input", self.noise_level_input, NOISE_LEVEL_INPUTS)
+        _check_choice("UNetConfig", "prediction", self.prediction, PREDICTIONS)
         for mult in set(self.channel_mults) | {1}:
             width = self.inner_channels * mult
             if width % self.norm_groups:

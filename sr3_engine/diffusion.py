@@ -7,6 +7,21 @@ schedule than training.
 
 `condition` is the one place the conditioning image x_up is made, for training, evaluation
 and the engine alike: a model is served with the condition it was trained on.
+
+Prediction targets. With y_t = sqrt(gamma) y0 + sqrt(1 - gamma) eps the network f estimates
+one of (UNetConfig.prediction):
+
+    eps                                   y0_hat = y_t / sqrt(gamma) - sqrt(1/gamma - 1) f
+    y0                                    y0_hat = f
+    v = sqrt(gamma) eps - sqrt(1-gamma) y0   y0_hat = sqrt(gamma) y_t - sqrt(1 - gamma) f
+
+Every case is y0_hat = a y_t - b f with per-level scalars (a, b) (`y0_coefficients`), which
+is how the samplers and the posterior-step kernels serve all three with one code path. The
+loss is the mean |f - target|^p over elements for every target. In terms of the squared y0
+error (p = 2; their square roots for p = 1) that weights each level by gamma/(1 - gamma) (eps,
+the SNR: huge at low noise, vanishing at high noise), 1 (y0) and 1/(1 - gamma) (v, SNR + 1:
+never below the y0 loss, so the high noise levels where sampling from pure noise starts are not
+starved).
 """
 
 from __future__ import annotations
@@ -16,8 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import resize
+import numpy as np
 
-from .config import NOISE_LEVEL_INPUTS
+from .config import NOISE_LEVEL_INPUTS, PREDICTIONS
 from .schedules import NoiseSchedule
 
 
@@ -39,6 +55,33 @@ def q_sample(y0: torch.Tensor, noise_level: torch.Tensor, noise: torch.Tensor) -
     """y~ = sqrt(gamma) y0 + sqrt(1 - gamma) eps, with noise_level = sqrt(gamma) of shape (B,)."""
     level = noise_level.reshape(-1, *([1] * (y0.dim() - 1))).to(y0.dtype)
     return level * y0 + torch.sqrt(1.0 - level * level) * noise
+
+
+def prediction_target(prediction: str, y0: torch.Tensor, noise: torch.Tensor,
+                      noise_level: torch.Tensor) -> torch.Tensor:
+    """What a `prediction` network should output for y_t = q_sample(y0, noise_level, noise)."""
+    if prediction == "eps":
+        return noise
+    if prediction == "y0":
+        return y0
+    if prediction == "v":
+        level = noise_level.reshape(-1, *([1] * (y0.dim() - 1))).to(y0.dtype)
+        return level * noise - torch.sqrt(1.0 - level * level) * y0
+    raise ValueError(f"prediction must be one of {PREDICTIONS}; got {prediction!r}")
+
+
+def y0_coefficients(prediction: str, noise_level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b), float64, such that y0_hat = a y_t - b f for a `prediction` network's output f
+    at each sqrt(gamma) in `noise_level` (the table in the module docstring)."""
+    level = np.asarray(noise_level, dtype=np.float64)
+    gamma = level * level
+    if prediction == "eps":
+        return 1.0 / level, np.sqrt(1.0 / gamma - 1.0)
+    if prediction == "y0":
+        return np.zeros_like(level), -np.ones_like(level)
+    if prediction == "v":
+        return level.copy(), np.sqrt(1.0 - gamma)
+    raise ValueError(f"prediction must be one of {PREDICTIONS}; got {prediction!r}")
 
 
 def condition(lr: torch.Tensor, scale: int, size_multiple: int = 1, resampler: str = "bicubic") -> torch.Tensor:
@@ -85,22 +128,26 @@ def sample_noise_levels(schedule: NoiseSchedule, batch: int, *, generator: torch
 
 def diffusion_loss(model: nn.Module, x_up: torch.Tensor, y0: torch.Tensor, schedule: NoiseSchedule,
                    p: int = 1, *, generator: torch.Generator | None = None,
-                   level_space: str | None = None) -> torch.Tensor:
-    """Mean of |f(x, y~, level) - eps|^p over every element (eq. 6), p in {1, 2}.
+                   level_space: str | None = None, prediction: str | None = None) -> torch.Tensor:
+    """Mean of |f(x, y~, level) - target|^p over every element (eq. 6 for eps), p in {1, 2}.
 
-    `level_space` defaults to the model's `config.noise_level_input` when it has one (looking
-    through a DistributedDataParallel wrapper's `.module`).
+    `level_space` and `prediction` default to the model's `config.noise_level_input` and
+    `config.prediction` when it has a config (looking through a DistributedDataParallel
+    wrapper's `.module`), else to sqrt_gamma and eps.
     """
     if p not in (1, 2):
         raise ValueError(f"diffusion_loss: p must be 1 or 2; got {p!r}")
     if x_up.shape != y0.shape:
         raise ValueError(f"diffusion_loss: x_up {tuple(x_up.shape)} and y0 {tuple(y0.shape)} differ in shape")
+    config = getattr(getattr(model, "module", model), "config", None)
     if level_space is None:
-        config = getattr(getattr(model, "module", model), "config", None)
         level_space = getattr(config, "noise_level_input", "sqrt_gamma")
+    if prediction is None:
+        prediction = getattr(config, "prediction", "eps")
     levels = sample_noise_levels(schedule, y0.shape[0], generator=generator, device=y0.device, space=level_space)
     noise = randn(tuple(y0.shape), generator, y0.device, y0.dtype)
     y_noisy = q_sample(y0, levels, noise)
-    eps_hat = model(x_up, y_noisy, levels)
-    diff = (eps_hat.float() - noise.float()).abs()
+    output = model(x_up, y_noisy, levels)
+    target = prediction_target(prediction, y0.float(), noise.float(), levels)
+    diff = (output.float() - target).abs()
     return diff.mean() if p == 1 else (diff * diff).mean()

@@ -87,3 +87,23 @@ def consistency(sr: torch.Tensor, lr: torch.Tensor, scale: int) -> torch.Tensor:
     down = resize.downsample(sr4.detach().double().cpu(), scale)
     mse = ((down - lr4.detach().double().cpu()) ** 2).flatten(1).mean(dim=1)
     return _unbatch(mse, single)
+
+
+def laplacian_energy(x: torch.Tensor) -> torch.Tensor:
+    """Mean |5-point Laplacian| over the interior pixels and channels of images (B, C, H, W)
+    (or (C, H, W)) in [0, 1], float64: how much fine detail an image holds."""
+    if x.dim() not in (3, 4) or min(x.shape[-2:]) < 3:
+        raise ValueError(f"laplacian_energy: expected (B, C, H, W) or (C, H, W) with H, W >= 3; got {tuple(x.shape)}")
+    single = x.dim() == 3
+    x4 = (x[None] if single else x).detach().double().cpu()
+    centre = x4[..., 1:-1, 1:-1]
+    lap = x4[..., :-2, 1:-1] + x4[..., 2:, 1:-1] + x4[..., 1:-1, :-2] + x4[..., 1:-1, 2:] - 4.0 * centre
+    return _unbatch(lap.abs().flatten(1).mean(dim=1), single)
+
+
+def detail(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    """laplacian_energy(sr) / laplacian_energy(hr) per image: 1 means as much fine detail as
+    the real image; bicubic upsampling is well under 1, noise above it."""
+    if sr.shape != hr.shape:
+        raise ValueError(f"detail: sr {tuple(sr.shape)} and hr {tuple(hr.shape)} differ in shape")
+    return laplacian_energy(sr) / laplacian_energy(hr).clamp_min(1e-12)

@@ -1,23 +1,33 @@
-"""Reverse-process samplers: ancestral (SR3 eq. 9-11) and DDIM, and the one sampling loop.
+"""Reverse-process samplers: ancestral (SR3 eq. 9-11), DDIM and DPM-Solver++(2M), and the one
+sampling loop.
 
 Every sampler reduces to the same update, which `ops.posterior_step` runs in one pass:
 
-    y0_hat = y_t / sqrt(gamma_t) - sqrt(1/gamma_t - 1) * eps_hat      (clipped to [-1, 1])
+    y0_hat = state_coef * y_t - output_coef * f                      (clipped to [-1, 1])
     y_prev = coef1 * y0_hat + coef2 * y_t + sigma * z
 
+f is the network's output and (state_coef, output_coef) = `diffusion.y0_coefficients` of the
+model's prediction target at the step's level, so eps, y0 and v models take the same path.
 Ancestral: coef1, coef2 from the posterior (eq. 4); sigma the posterior sigma or
 sqrt(1 - alpha_t); no noise on the last step.
 DDIM (Song et al. 2021) with eps re-derived from the clipped y0_hat:
     s = eta sqrt((1 - gamma_prev) / (1 - gamma_t)) sqrt(1 - gamma_t / gamma_prev)
     d = sqrt(1 - gamma_prev - s^2)
-    coef1 = sqrt(gamma_prev) - d / sqrt(1/gamma_t - 1),  coef2 = d / (sqrt(gamma_t) sqrt(1/gamma_t - 1)),  sigma = s
+    coef1 = sqrt(gamma_prev) - d / sqrt(1/gamma_t - 1),  coef2 = d / sqrt(1 - gamma_t),  sigma = s
+DPM-Solver++(2M) (Lu et al. 2022, alg. 2) in lambda = log(sqrt(gamma) / sqrt(1 - gamma)) of the
+levels the network sees, h = lambda_prev - lambda_t, r = h of the step before / h:
+    D = y0_hat + (y0_hat - y0_hat of the step before) / (2 r)     (D = y0_hat on the first step
+                                                                   and on the last, to gamma = 1)
+    coef1 = sqrt(gamma_prev) (1 - e^-h),  coef2 = sqrt(1 - gamma_prev) / sqrt(1 - gamma_t),  sigma = 0
+with D in place of y0_hat. A multistep plan (`SamplingPlan.extrapolation` not all 0) carries the
+previous y0_hat; its step is two calls of the same op: f -> y0_hat, then D -> y_prev.
 
 A sampler is a planner: a small function (schedule, config) -> SamplingPlan, registered
 in `SAMPLERS`, the one list of sampler names. A plan holds the per-step scalars in
 float64, in the order they are applied (t = T down to 1). `sample` is the public entry
 point and `SR3Engine.sample` takes the same path (`sample_with`); every loop that runs a
 plan (the eager one here, the fused backend's captured one) is `run_steps`, and every
-step of it is `posterior_update`: noise choice, posterior step, non-finite flag.
+step of it is `posterior_update`.
 """
 
 from __future__ import annotations
@@ -31,8 +41,8 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .config import JsonConfig
-from .diffusion import q_sample, randn
+from .config import PREDICTIONS, JsonConfig
+from .diffusion import q_sample, randn, y0_coefficients
 from .schedules import NoiseSchedule
 
 SIGMA_KINDS = ("posterior", "beta")
@@ -76,29 +86,55 @@ class SamplerConfig(JsonConfig):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SamplingPlan:
-    """Per-step scalars of a reverse process, float64, in application order."""
+    """Per-step scalars of a reverse process, float64, in application order.
+
+    `prediction` is the network's target; `state_coef` and `output_coef` follow from it and
+    `noise_level`. `extrapolation` is the weight of the previous y0_hat (1 / 2r of DPM-Solver++
+    (2M)), 0 for single-step samplers.
+    """
 
     timesteps: np.ndarray
     noise_level: np.ndarray
-    sqrt_recip_gamma: np.ndarray
-    sqrt_recipm1_gamma: np.ndarray
     coef1: np.ndarray
     coef2: np.ndarray
     sigma: np.ndarray
+    extrapolation: np.ndarray
     clip: bool
+    prediction: str = "eps"
     warm_start: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"SamplingPlan.prediction must be one of {PREDICTIONS}; got {self.prediction!r}")
+
+    @functools.cached_property
+    def _y0_coefficients(self) -> tuple[np.ndarray, np.ndarray]:
+        return y0_coefficients(self.prediction, self.noise_level)
+
+    @property
+    def state_coef(self) -> np.ndarray:
+        return self._y0_coefficients[0]
+
+    @property
+    def output_coef(self) -> np.ndarray:
+        return self._y0_coefficients[1]
 
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
+    @property
+    def multistep(self) -> bool:
+        return bool(np.any(self.extrapolation != 0.0))
+
     def window(self, start: int, stop: int) -> "SamplingPlan":
-        """Steps start..stop-1 of the plan; one that does not begin at the first step starts warm."""
+        """Steps start..stop-1 of the plan; one that does not begin at the first step starts warm,
+        with no previous y0_hat to extrapolate from."""
         keep = slice(start, stop)
-        return dataclasses.replace(self, warm_start=start > 0, **{
-            f.name: getattr(self, f.name)[keep].copy()
-            for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), np.ndarray)
-        })
+        arrays = {f.name: getattr(self, f.name)[keep].copy()
+                  for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), np.ndarray)}
+        arrays["extrapolation"][:1] = 0.0
+        return dataclasses.replace(self, warm_start=start > 0, **arrays)
 
     def last(self, n: int) -> "SamplingPlan":
         """The plan's final n steps (the warm start of SamplerConfig.strength)."""
@@ -106,8 +142,8 @@ class SamplingPlan:
 
     def step_kwargs(self, i: int) -> dict[str, float]:
         return {
-            "sqrt_recip_gamma": float(self.sqrt_recip_gamma[i]),
-            "sqrt_recipm1_gamma": float(self.sqrt_recipm1_gamma[i]),
+            "state_coef": float(self.state_coef[i]),
+            "output_coef": float(self.output_coef[i]),
             "coef1": float(self.coef1[i]),
             "coef2": float(self.coef2[i]),
             "sigma": float(self.sigma[i]),
@@ -125,21 +161,40 @@ def ddim_plan(schedule: NoiseSchedule, config: SamplerConfig) -> SamplingPlan:
     gamma, gamma_prev = schedule.gammas, schedule.gammas_prev
     s = config.eta * np.sqrt((1.0 - gamma_prev) / (1.0 - gamma)) * np.sqrt(1.0 - gamma / gamma_prev)
     d = np.sqrt(np.maximum(1.0 - gamma_prev - s * s, 0.0))
-    coef1 = np.sqrt(gamma_prev) - d / schedule.sqrt_recipm1_gamma
-    coef2 = d * schedule.sqrt_recip_gamma / schedule.sqrt_recipm1_gamma
+    coef1 = np.sqrt(gamma_prev) - d / np.sqrt(1.0 / gamma - 1.0)
+    coef2 = d / np.sqrt(1.0 - gamma)
     return _reversed_plan(schedule, coef1, coef2, s, config.clip)
 
 
-def _reversed_plan(schedule: NoiseSchedule, coef1, coef2, sigma, clip: bool) -> SamplingPlan:
+def dpmpp_2m_plan(schedule: NoiseSchedule, config: SamplerConfig) -> SamplingPlan:
+    """Deterministic: `eta` and `sigma` do not apply."""
+    gamma, gamma_prev = schedule.gammas, schedule.gammas_prev
+    lam = 0.5 * np.log(gamma / (1.0 - gamma))
+    with np.errstate(divide="ignore"):
+        lam_prev = 0.5 * np.log(gamma_prev / (1.0 - gamma_prev))
+    h = lam_prev - lam
+    coef1 = np.sqrt(gamma_prev) * -np.expm1(-h)
+    coef2 = np.sqrt(1.0 - gamma_prev) / np.sqrt(1.0 - gamma)
+    # In table order (t = 1..T) the step applied before t's is t + 1's.
+    extrapolation = np.zeros_like(h)
+    to_noise_free = gamma_prev >= 1.0
+    usable = ~to_noise_free[:-1]
+    extrapolation[:-1][usable] = h[:-1][usable] / (2.0 * h[1:][usable])
+    return _reversed_plan(schedule, coef1, coef2, np.zeros_like(h), config.clip, extrapolation)
+
+
+def _reversed_plan(schedule: NoiseSchedule, coef1, coef2, sigma, clip: bool,
+                   extrapolation: np.ndarray | None = None) -> SamplingPlan:
     order = slice(None, None, -1)
+    if extrapolation is None:
+        extrapolation = np.zeros(schedule.num_steps)
     return SamplingPlan(
         timesteps=np.arange(schedule.num_steps, 0, -1),
         noise_level=schedule.noise_levels[order].copy(),
-        sqrt_recip_gamma=schedule.sqrt_recip_gamma[order].copy(),
-        sqrt_recipm1_gamma=schedule.sqrt_recipm1_gamma[order].copy(),
         coef1=np.asarray(coef1, dtype=np.float64)[order].copy(),
         coef2=np.asarray(coef2, dtype=np.float64)[order].copy(),
         sigma=np.asarray(sigma, dtype=np.float64)[order].copy(),
+        extrapolation=np.asarray(extrapolation, dtype=np.float64)[order].copy(),
         clip=clip,
     )
 
@@ -150,12 +205,14 @@ Planner = Callable[[NoiseSchedule, SamplerConfig], SamplingPlan]
 SAMPLERS: dict[str, Planner] = {
     "ancestral": ancestral_plan,
     "ddim": ddim_plan,
+    "dpmpp_2m": dpmpp_2m_plan,
 }
 
 
-def make_plan(schedule: NoiseSchedule, config: SamplerConfig) -> SamplingPlan:
-    """The plan of `config` over `schedule`, cut to its last steps when config.strength < 1."""
-    plan = SAMPLERS[config.name](schedule, config)
+def make_plan(schedule: NoiseSchedule, config: SamplerConfig, prediction: str = "eps") -> SamplingPlan:
+    """The plan of `config` over `schedule` for a network predicting `prediction`, cut to its
+    last steps when config.strength < 1."""
+    plan = dataclasses.replace(SAMPLERS[config.name](schedule, config), prediction=prediction)
     if config.strength < 1.0:
         plan = plan.last(max(1, round(config.strength * plan.num_steps)))
     return plan
@@ -210,13 +267,27 @@ class SeededNoise:
         return {"seed": self.seed, "step": step}
 
 
-def posterior_update(plan: SamplingPlan, i: int, y: torch.Tensor, eps: torch.Tensor, *, noise: NoiseSource,
-                     nonfinite: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Step i of `plan` from state y given the network's eps: y_prev, and nonfinite[i] set when
-    y_prev holds NaN or Inf (a device-side flag, so no step waits for the host)."""
+def posterior_update(plan: SamplingPlan, i: int, y: torch.Tensor, output: torch.Tensor, *, noise: NoiseSource,
+                     nonfinite: torch.Tensor, history: torch.Tensor | None = None,
+                     backend: str = "auto") -> torch.Tensor:
+    """Step i of `plan` from state y given the network's output: y_prev, and nonfinite[i] set
+    when y_prev holds NaN or Inf (a device-side flag, so no step waits for the host). A
+    multistep plan needs `history`, a buffer like y that carries y0_hat from step to step."""
     step = plan.step_kwargs(i)
     noise_kwargs = noise.for_step(i, y) if step["sigma"] != 0.0 else {}
-    y = ops.posterior_step(y, eps, clip=plan.clip, backend=backend, **noise_kwargs, **step)
+    if plan.multistep:
+        if history is None:
+            raise ValueError("posterior_update: a multistep plan needs a history buffer")
+        y0_hat = ops.posterior_step(y, output, state_coef=step["state_coef"], output_coef=step["output_coef"],
+                                    coef1=1.0, coef2=0.0, sigma=0.0, clip=plan.clip, backend=backend)
+        weight = float(plan.extrapolation[i])
+        # (1 + w) y0_hat - w previous: the previous one is only read when it exists (w != 0).
+        output = torch.lerp(history, y0_hat, 1.0 + weight) if weight != 0.0 else y0_hat
+        history.copy_(y0_hat)
+        step.update(state_coef=0.0, output_coef=-1.0)
+        y = ops.posterior_step(y, output, clip=False, backend=backend, **noise_kwargs, **step)
+    else:
+        y = ops.posterior_step(y, output, clip=plan.clip, backend=backend, **noise_kwargs, **step)
     nonfinite[i] = ~torch.isfinite(y).all()
     return y
 
@@ -234,9 +305,10 @@ def run_steps(denoise: Denoiser, x_up: torch.Tensor, y_T: torch.Tensor, plan: Sa
     y = y_T.to(torch.float32, copy=True)
     if levels is None:
         levels = level_tensors(plan, y.shape[0], y.device)
+    history = torch.zeros_like(y) if plan.multistep else None
     for i in range(plan.num_steps) if steps is None else steps:
-        eps = denoise(x_up, y.to(x_up.dtype), levels[i])
-        y = posterior_update(plan, i, y, eps, noise=noise, nonfinite=nonfinite, backend=backend)
+        output = denoise(x_up, y.to(x_up.dtype), levels[i])
+        y = posterior_update(plan, i, y, output, noise=noise, nonfinite=nonfinite, history=history, backend=backend)
         if callback is not None:
             callback(i, plan.num_steps, y)
     return y
@@ -273,20 +345,27 @@ class PlanRunner(Protocol):
 
 
 def sample_with(run: PlanRunner, x_up: torch.Tensor, schedule: NoiseSchedule, config: SamplerConfig, *,
-                generator: torch.Generator | None = None, callback: StepCallback | None = None) -> torch.Tensor:
-    """Plan `config` over `schedule`, draw the initial state for condition x_up from `generator`
-    (pure noise, or the diffused condition when config.strength < 1) and let `run` apply the plan."""
-    plan = make_plan(schedule, config)
+                prediction: str = "eps", generator: torch.Generator | None = None,
+                callback: StepCallback | None = None) -> torch.Tensor:
+    """Plan `config` over `schedule` for a `prediction` network, draw the initial state for
+    condition x_up from `generator` (pure noise, or the diffused condition when
+    config.strength < 1) and let `run` apply the plan."""
+    plan = make_plan(schedule, config, prediction)
     y_T = initial_state(plan, x_up, randn(tuple(x_up.shape), generator, x_up.device))
     return run(x_up, y_T, plan, generator=generator, callback=callback)
 
 
 def sample(model: nn.Module | Denoiser, x_up: torch.Tensor, schedule: NoiseSchedule,
-           config: SamplerConfig = SamplerConfig(), *, generator: torch.Generator | None = None,
-           callback: StepCallback | None = None, backend: str = "auto") -> torch.Tensor:
-    """SR3 sampling with any denoiser model(x_up, y_t, noise_level) -> eps: condition x_up
+           config: SamplerConfig = SamplerConfig(), *, prediction: str | None = None,
+           generator: torch.Generator | None = None, callback: StepCallback | None = None,
+           backend: str = "auto") -> torch.Tensor:
+    """SR3 sampling with any denoiser model(x_up, y_t, noise_level) -> output: condition x_up
     (B, C, H, W) in [-1, 1] -> y_0 (B, C, H, W) in [-1, 1], float32. Honours the whole
     `config` (sampler, sigma, eta, clip, strength); the same generator seed gives the same
-    output. `backend` is the op backend of the posterior step."""
+    output. `prediction` (what the output estimates) defaults to the model's
+    `config.prediction`, or eps for a denoiser without one. `backend` is the op backend of
+    the posterior step."""
+    if prediction is None:
+        prediction = getattr(getattr(model, "config", None), "prediction", "eps")
     return sample_with(functools.partial(run_plan, model, backend=backend), x_up, schedule, config,
-                       generator=generator, callback=callback)
+                       prediction=prediction, generator=generator, callback=callback)

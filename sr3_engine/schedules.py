@@ -3,13 +3,12 @@
 Index i of each table is diffusion step t = i + 1 (t runs 1..T). With
 alpha_t = 1 - beta_t, gamma_t = prod_{s<=t} alpha_s and gamma_0 = 1:
 
-    sqrt_recip_gamma_t   = 1 / sqrt(gamma_t)
-    sqrt_recipm1_gamma_t = sqrt(1 / gamma_t - 1)
     coef1_t = sqrt(gamma_{t-1}) (1 - alpha_t) / (1 - gamma_t)        (eq. 4, on y_0)
     coef2_t = sqrt(alpha_t) (1 - gamma_{t-1}) / (1 - gamma_t)         (eq. 4, on y_t)
     posterior_sigma_t = sqrt((1 - gamma_{t-1}) (1 - alpha_t) / (1 - gamma_t))
 
-Tables are computed once in float64 and only cast at the point of use, because
+The per-step y0_hat coefficients depend on the model's prediction target as well, so they
+are made with the plan (`diffusion.y0_coefficients`). Tables are computed once in float64 and only cast at the point of use, because
 1 - gamma_t and 1/gamma_t lose most of their digits in float32 near both ends.
 """
 
@@ -141,14 +140,6 @@ class NoiseSchedule:
     @functools.cached_property
     def noise_levels_prev(self) -> np.ndarray:
         return _frozen(np.sqrt(self.gammas_prev))
-
-    @functools.cached_property
-    def sqrt_recip_gamma(self) -> np.ndarray:
-        return _frozen(1.0 / np.sqrt(self.gammas))
-
-    @functools.cached_property
-    def sqrt_recipm1_gamma(self) -> np.ndarray:
-        return _frozen(np.sqrt(1.0 / self.gammas - 1.0))
 
     @functools.cached_property
     def coef1(self) -> np.ndarray:

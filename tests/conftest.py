@@ -16,13 +16,16 @@ def tiny_model() -> sr3.SR3UNet:
     return sr3.SR3UNet(sr3.UNetConfig.named("tiny")).eval()
 
 
-def oracle_denoiser(y0: torch.Tensor, noise_level_input: str = "sqrt_gamma"):
-    """A 'network' that returns the true eps of y_t for a known y0:
-    eps = (y_t - sqrt(gamma) y0) / sqrt(1 - gamma)."""
+def oracle_denoiser(y0: torch.Tensor, noise_level_input: str = "sqrt_gamma", prediction: str = "eps"):
+    """A 'network' that returns the true target of y_t for a known y0:
+    eps = (y_t - sqrt(gamma) y0) / sqrt(1 - gamma), y0 itself, or v = sqrt(gamma) eps - sqrt(1 - gamma) y0."""
 
     def denoise(x_up, y_t, noise_level):
         level = noise_level.double().view(-1, 1, 1, 1)
         gamma = level * level
-        return ((y_t.double() - level * y0.double()) / torch.sqrt(1.0 - gamma)).to(y_t.dtype)
+        eps = (y_t.double() - level * y0.double()) / torch.sqrt(1.0 - gamma)
+        target = {"eps": eps, "y0": y0.double().expand_as(eps),
+                  "v": level * eps - torch.sqrt(1.0 - gamma) * y0.double()}[prediction]
+        return target.to(y_t.dtype)
 
     return denoise

@@ -21,7 +21,7 @@ _REASON = ops.why_unavailable("group_norm_silu", "cpp", torch.zeros(1))
 needs_ext = pytest.mark.skipif(_REASON is not None, reason=f"cpp: {_REASON}")
 gn_op = torch.ops.sr3_engine_cpp.group_norm_silu if _REASON is None else None
 ps_op = torch.ops.sr3_engine_cpp.posterior_step if _REASON is None else None
-STEP = dict(sqrt_recip_gamma=1.7, sqrt_recipm1_gamma=1.37, coef1=0.21, coef2=0.83, sigma=0.12)
+STEP = dict(state_coef=1.7, output_coef=1.37, coef1=0.21, coef2=0.83, sigma=0.12)
 
 
 def test_extension_is_built_where_required():
@@ -63,7 +63,7 @@ _GN_ERRORS = [
     (lambda: gn_op(_X, 4, None, None, None, float("nan")), "eps must be finite"),
 ]
 _PS_ERRORS = [
-    (lambda: ps_op(_X, _X[:1], None, None, 0, 1.0, 1.0, 1.0, 1.0, 0.0, True), "eps has shape"),
+    (lambda: ps_op(_X, _X[:1], None, None, 0, 1.0, 1.0, 1.0, 1.0, 0.0, True), "pred has shape"),
     (lambda: ps_op(_X.int(), _X, None, None, 0, 1.0, 1.0, 1.0, 1.0, 0.0, True), "y_t has dtype Int"),
     (lambda: ps_op(_X, _X, _X, 3, 0, 1.0, 1.0, 1.0, 1.0, 1.0, True), "either noise or seed"),
     (lambda: ps_op(_X, _X, None, None, 0, 1.0, 1.0, 1.0, 1.0, 1.0, True), "sigma != 0 needs noise or a seed"),
@@ -225,7 +225,7 @@ def _reference_normals(seed, step, count):
 @pytest.mark.parametrize("seed, step", [(7, 3), (-1, 2**33 + 5), (2**40 + 11, 0)])
 def test_seeded_noise_is_the_documented_philox_stream(seed, step):
     zeros = torch.zeros(2, 3, 5, 7)
-    z = ops.posterior_step(zeros, zeros, sqrt_recip_gamma=1.0, sqrt_recipm1_gamma=1.0, coef1=0.0, coef2=0.0,
+    z = ops.posterior_step(zeros, zeros, state_coef=1.0, output_coef=1.0, coef1=0.0, coef2=0.0,
                            sigma=1.0, seed=seed, step=step, backend="cpp")
     torch.testing.assert_close(z.flatten().double(), _reference_normals(seed, step, z.numel()), rtol=0, atol=1e-5)
 
@@ -236,7 +236,7 @@ def test_seeded_noise_equals_the_triton_backend():
     script = (
         "import torch; from sr3_engine import ops\n"
         "y = torch.zeros(3, 3, 17, 19)\n"
-        "kw = dict(sqrt_recip_gamma=1.0, sqrt_recipm1_gamma=1.0, coef1=0.0, coef2=0.0, sigma=1.0, seed=11, step=4)\n"
+        "kw = dict(state_coef=1.0, output_coef=1.0, coef1=0.0, coef2=0.0, sigma=1.0, seed=11, step=4)\n"
         "a, b = (ops.posterior_step(y, y, backend=name, **kw) for name in ('cpp', 'triton'))\n"
         "print((a - b).abs().max().item())\n"
     )
@@ -305,7 +305,7 @@ def test_cuda_kernels_three_way(dtype, atol, shape, groups, channels_last):
     step_native = ops.posterior_step(y_t, eps, noise=noise, backend="native", **STEP)
     assert ((step.double() - step_ref).abs() - 2 * (step_native.double() - step_ref).abs() - atol).max() <= 0
     zeros = torch.zeros(shape, device="cuda")
-    seeded = dict(sqrt_recip_gamma=1.0, sqrt_recipm1_gamma=1.0, coef1=0.0, coef2=0.0, sigma=1.0, seed=3, step=1)
+    seeded = dict(state_coef=1.0, output_coef=1.0, coef1=0.0, coef2=0.0, sigma=1.0, seed=3, step=1)
     torch.testing.assert_close(ops.posterior_step(zeros, zeros, backend="cpp", **seeded).cpu(),
                                ops.posterior_step(zeros.cpu(), zeros.cpu(), backend="cpp", **seeded), rtol=0, atol=1e-5)
 

@@ -1,5 +1,7 @@
 """Forward process and training loss (eq. 5-6)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -33,8 +35,9 @@ def test_noise_levels_are_uniform_between_neighbouring_levels(space):
         assert abs(inside.mean() - (edges[t - 1] + edges[t]) / 2) < 0.01 * (edges[t - 1] - edges[t]) + 1e-4
 
 
+@pytest.mark.parametrize("prediction", ["eps", "y0", "v"])
 @pytest.mark.parametrize("p", [1, 2])
-def test_loss_is_the_mean_p_norm_of_the_noise_error(p):
+def test_loss_is_the_mean_p_norm_of_the_target_error(p, prediction):
     seen = {}
 
     def model(x_up, y_noisy, level):
@@ -44,10 +47,12 @@ def test_loss_is_the_mean_p_norm_of_the_noise_error(p):
     schedule = sr3.NoiseSchedule.linear(100, 1e-4, 0.05)
     y0 = torch.rand(4, 3, 6, 5) * 2 - 1
     x_up = torch.rand(4, 3, 6, 5) * 2 - 1
-    loss = sr3.diffusion_loss(model, x_up, y0, schedule, p=p, generator=torch.Generator().manual_seed(3))
+    loss = sr3.diffusion_loss(model, x_up, y0, schedule, p=p, generator=torch.Generator().manual_seed(3),
+                              prediction=prediction)
     level = seen["level"].view(-1, 1, 1, 1).double()
     noise = (seen["y"].double() - level * y0.double()) / torch.sqrt(1 - level * level)
-    expected = ((0.5 * x_up.double() - noise).abs() ** p).mean()
+    target = {"eps": noise, "y0": y0.double(), "v": level * noise - torch.sqrt(1 - level * level) * y0.double()}
+    expected = ((0.5 * x_up.double() - target[prediction]).abs() ** p).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -57,7 +62,25 @@ def test_loss_rejects_bad_p():
         sr3.diffusion_loss(lambda *a: a[1], x, x, sr3.NoiseSchedule.linear(5), p=3)
 
 
-def test_a_few_optimiser_steps_lower_the_loss(tiny_model):
+def test_the_loss_follows_the_models_prediction_target():
+    config = sr3.UNetConfig.named("tiny")
+    schedule = sr3.NoiseSchedule.linear(100, 1e-4, 0.05)
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    losses = {}
+    for prediction in ("eps", "v"):
+        torch.manual_seed(0)
+        model = sr3.SR3UNet(dataclasses.replace(config, prediction=prediction))
+        losses[prediction] = sr3.diffusion_loss(model, x, x, schedule, generator=torch.Generator().manual_seed(1))
+        explicit = sr3.diffusion_loss(model, x, x, schedule, generator=torch.Generator().manual_seed(1),
+                                      prediction=prediction)
+        assert losses[prediction].item() == explicit.item()
+    assert losses["eps"].item() != losses["v"].item()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "y0", "v"])
+def test_a_few_optimiser_steps_lower_the_loss(prediction):
+    torch.manual_seed(1234)
+    tiny_model = sr3.SR3UNet(dataclasses.replace(sr3.UNetConfig.named("tiny"), prediction=prediction))
     tiny_model.train()
     schedule = sr3.NoiseSchedule.linear(2000, 1e-6, 1e-2)
     g = torch.Generator().manual_seed(0)

@@ -1,6 +1,7 @@
 """SR3Engine: the public contract of docs/ARCHITECTURE.md ("The engine")."""
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -247,6 +248,31 @@ def test_fused_backend_on_cpu_matches_eager(tiny_model):
     lr = torch.rand(2, 3, 5, 6)
     torch.testing.assert_close(fused.sample(lr, generator=_seeded(4)), eager.sample(lr, generator=_seeded(4)),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["y0", "v"])
+@pytest.mark.parametrize("sampler", ["ancestral", "dpmpp_2m"])
+def test_every_backend_serves_every_prediction_target_and_sampler(tiny_model, prediction, sampler):
+    model = sr3.SR3UNet(dataclasses.replace(tiny_model.config, prediction=prediction))
+    model.load_state_dict(tiny_model.state_dict())
+    model.eval()
+    lr = torch.rand(1, 3, 5, 6)
+    reference = sr3.sample(copy.deepcopy(model), sr3.condition(lr, 4, model.config.size_multiple),
+                           sr3.NoiseSchedule.linear(8, 1e-3, 0.2), sr3.SamplerConfig(sampler),
+                           generator=_seeded(4))[..., :20, :24]
+    reference = ((reference + 1) / 2).clamp(0, 1)
+    for backend in ("eager", "fused"):
+        engine = _engine(copy.deepcopy(model), scale=4, backend=backend, sampler=sampler,
+                         schedule=sr3.NoiseSchedule.linear(8, 1e-3, 0.2))
+        assert engine.prediction == prediction
+        torch.testing.assert_close(engine.sample(lr, generator=_seeded(4)), reference,
+                                   rtol=1e-4, atol=1e-4, msg=backend)
+
+
+def test_an_engine_refuses_a_prediction_its_model_contradicts(tiny_model):
+    with pytest.raises(ValueError, match="prediction='v' but the model's config predicts 'eps'"):
+        _engine(tiny_model, prediction="v")
+    assert _engine(nn.Identity(), prediction="y0").prediction == "y0"
 
 
 @pytest.mark.gpu

@@ -6,6 +6,8 @@ guard is tested everywhere, the TensorRT build only where tensorrt is installed.
 from __future__ import annotations
 
 import collections
+import copy
+import dataclasses
 import importlib.util
 
 import pytest
@@ -124,6 +126,24 @@ def test_onnxruntime_backend_refuses_a_file_of_another_dtype(tiny_dir, tiny_onnx
     with pytest.raises(ValueError, match="input 'x_up' is tensor\\(float\\); this engine .*float16"):
         create_backend("onnxruntime", model, torch.device("cpu"), torch.float16,
                        options={"onnx_path": str(tiny_onnx)})
+
+
+@needs_onnx
+def test_a_v_model_exports_its_output_as_v_and_serves_like_eager(tmp_path):
+    import onnx
+
+    torch.manual_seed(0)
+    model = sr3.SR3UNet(dataclasses.replace(sr3.UNetConfig.named("tiny"), prediction="v")).eval()
+    path = onnx_export.export_onnx(copy.deepcopy(model), tmp_path / "v.onnx")
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["v"]
+    lr = torch.rand(1, 3, 6, 5, generator=torch.Generator().manual_seed(3))
+    samples = [sr3.SR3Engine(copy.deepcopy(model), backend=backend, sampler="dpmpp_2m", progress=False,
+                             backend_options=options).sample(lr, steps=4, generator=torch.Generator().manual_seed(7))
+               for backend, options in (("eager", None), ("onnxruntime", {"onnx_path": str(path)}))]
+    assert float((samples[1] - samples[0]).abs().max()) < 1e-3
+    eps_model = sr3.SR3UNet(sr3.UNetConfig.named("tiny"))
+    with pytest.raises(ValueError, match="outputs 'v' but the model predicts 'eps'"):
+        create_backend("onnxruntime", eps_model, torch.device("cpu"), torch.float32, options={"onnx_path": str(path)})
 
 
 @needs_onnx

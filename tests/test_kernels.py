@@ -181,8 +181,8 @@ def test_the_backend_is_registered_with_its_predicate():
 # --------------------------------------------------------------------------- posterior_step
 
 
-STEP = dict(sqrt_recip_gamma=1.7, sqrt_recipm1_gamma=1.37, coef1=0.21, coef2=0.83, sigma=0.12)
-NOISE_ONLY = dict(sqrt_recip_gamma=1.0, sqrt_recipm1_gamma=1.0, coef1=0.0, coef2=0.0, sigma=1.0)
+STEP = dict(state_coef=1.7, output_coef=1.37, coef1=0.21, coef2=0.83, sigma=0.12)
+NOISE_ONLY = dict(state_coef=1.0, output_coef=1.0, coef1=0.0, coef2=0.0, sigma=1.0)
 
 
 def _noise(numel, **kwargs):
@@ -278,7 +278,7 @@ def test_posterior_step_custom_op_passes_opcheck(seed_kind):
 
 @runs_kernels
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(eps=torch.zeros(1, 3, 4, 5)), r"eps has shape \(1, 3, 4, 5\)"),
+    (dict(pred=torch.zeros(1, 3, 4, 5)), r"pred has shape \(1, 3, 4, 5\)"),
     (dict(noise=torch.zeros(1, 3, 4, 4, dtype=torch.int32)), "noise has dtype torch.int32"),
     (dict(seed=torch.tensor(1.0)), "a seed tensor must be one int64"),
     (dict(seed=3, noise=torch.zeros(1, 3, 4, 4)), "either noise or seed"),
@@ -289,7 +289,7 @@ def test_posterior_step_launcher_rejects_bad_arguments(kwargs, message):
     y_t = torch.zeros(1, 3, 4, 4, device=DEVICE)
     kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     with pytest.raises(ValueError, match=message):
-        ps.posterior_step_triton(y_t, kwargs.pop("eps", y_t), **STEP, **kwargs)
+        ps.posterior_step_triton(y_t, kwargs.pop("pred", y_t), **STEP, **kwargs)
 
 
 # ------------------------------------------------------------------- compiled for Hopper
@@ -322,7 +322,7 @@ def hopper_report() -> None:
         build(ps._posterior_step_kernel,
               dict(y_ptr=torch.float32, eps_ptr=torch.bfloat16, noise_ptr=torch.float32 if noise == 1 else None,
                    out_ptr=torch.float32, seed_ptr=torch.int64 if seed_in_memory else None, seed=5, step=3,
-                   numel=16 * 3 * 128 * 128, sqrt_recip_gamma=1.0, sqrt_recipm1_gamma=1.0, coef1=0.5,
+                   numel=16 * 3 * 128 * 128, state_coef=1.0, output_coef=1.0, coef1=0.5,
                    coef2=0.5, sigma=0.1),
               dict(CLIP=True, NOISE=noise, SEED_IN_MEMORY=seed_in_memory, FAST_MATH=True, BLOCK=1024), 4)
 

@@ -72,3 +72,24 @@ def test_metrics_reject_mismatched_shapes():
         metrics.psnr(torch.zeros(3, 16, 16), torch.zeros(3, 16, 8))
     with pytest.raises(ValueError, match="not lr"):
         metrics.consistency(torch.zeros(3, 32, 32), torch.zeros(3, 4, 4), 4)
+
+
+def test_laplacian_energy_is_scipys_laplacian_on_the_interior():
+    from scipy import ndimage
+
+    x = torch.rand(2, 3, 9, 13, generator=torch.Generator().manual_seed(0))
+    expected = [np.mean([np.abs(ndimage.laplace(channel.numpy().astype(np.float64))[1:-1, 1:-1])
+                         for channel in image]) for image in x]
+    np.testing.assert_allclose(metrics.laplacian_energy(x).numpy(), expected, rtol=1e-12)
+
+
+def test_detail_is_one_for_the_photo_below_for_bicubic_and_above_for_noise():
+    hr = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    hr = torch.nn.functional.avg_pool2d(hr, 3, 1, 1)
+    bicubic = resize.upsample(resize.downsample(hr, 4), 4).clamp(0, 1)
+    noisy = (hr + 0.2 * torch.randn(hr.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
+    assert metrics.detail(hr, hr).item() == pytest.approx(1.0)
+    assert metrics.detail(bicubic, hr).item() < 0.5
+    assert metrics.detail(noisy, hr).item() > 1.5
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.detail(hr, hr[..., :32])

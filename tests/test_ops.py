@@ -10,7 +10,7 @@ import torch
 from sr3_engine import ops
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-STEP = dict(sqrt_recip_gamma=1.7, sqrt_recipm1_gamma=1.37, coef1=0.21, coef2=0.83, sigma=0.12)
+STEP = dict(state_coef=1.7, output_coef=1.37, coef1=0.21, coef2=0.83, sigma=0.12)
 DTYPES = list(ATOL)
 
 
@@ -193,7 +193,7 @@ def test_posterior_step_seeded_noise(backend):
     y_t = torch.zeros(4, 3, 32, 32)
     _require("posterior_step", backend, y_t)
     # With y_t = eps = 0 the output is sigma * z, so it exposes the noise.
-    kwargs = dict(sqrt_recip_gamma=1.0, sqrt_recipm1_gamma=1.0, coef1=0.0, coef2=0.0, sigma=1.0, backend=backend)
+    kwargs = dict(state_coef=1.0, output_coef=1.0, coef1=0.0, coef2=0.0, sigma=1.0, backend=backend)
     z = ops.posterior_step(y_t, y_t, seed=7, step=3, **kwargs)
     assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1.0) < 0.05
     torch.testing.assert_close(z, ops.posterior_step(y_t, y_t, seed=7, step=3, **kwargs), rtol=0, atol=0)

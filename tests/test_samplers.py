@@ -1,11 +1,12 @@
-"""Samplers: an oracle denoiser must lead every sampler back to y0; plans follow the equations."""
+"""Samplers: an oracle denoiser must lead every sampler back to y0 whatever the network predicts;
+plans follow the equations."""
 
 import numpy as np
 import pytest
 import torch
 
 import sr3_engine as sr3
-from sr3_engine.samplers import ancestral_plan, ddim_plan, initial_state, run_plan
+from sr3_engine.samplers import ancestral_plan, ddim_plan, dpmpp_2m_plan, initial_state, run_plan
 
 from .conftest import oracle_denoiser
 
@@ -21,18 +22,32 @@ CONFIGS = {
     "ancestral_noclip": sr3.SamplerConfig("ancestral", clip=False),
     "ddim": sr3.SamplerConfig("ddim"),
     "ddim_eta05": sr3.SamplerConfig("ddim", eta=0.5),
+    "dpmpp_2m": sr3.SamplerConfig("dpmpp_2m"),
+    "dpmpp_2m_noclip": sr3.SamplerConfig("dpmpp_2m", clip=False),
 }
 
 
+@pytest.mark.parametrize("prediction", ["eps", "y0", "v"])
 @pytest.mark.parametrize("schedule_name", SCHEDULES)
 @pytest.mark.parametrize("config_name", CONFIGS)
-def test_oracle_denoiser_recovers_y0(schedule_name, config_name):
+def test_oracle_denoiser_recovers_y0(schedule_name, config_name, prediction):
     config = CONFIGS[config_name]
     g = torch.Generator().manual_seed(5)
     y0 = torch.rand(2, 3, 9, 7, generator=g) * 1.8 - 0.9
-    out = sr3.sample(oracle_denoiser(y0), torch.zeros_like(y0), SCHEDULES[schedule_name](), config,
-                     generator=torch.Generator().manual_seed(1))
+    out = sr3.sample(oracle_denoiser(y0, prediction=prediction), torch.zeros_like(y0), SCHEDULES[schedule_name](),
+                     config, prediction=prediction, generator=torch.Generator().manual_seed(1))
     assert (out - y0).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("truth, assumed", [("y0", "eps"), ("v", "y0")])
+def test_an_oracle_read_as_another_target_does_not_recover_y0(truth, assumed):
+    # The converse of the oracle test: the prediction decides the y0 coefficients, so reading
+    # one target as another goes wrong (the oracle test could not fail otherwise).
+    g = torch.Generator().manual_seed(5)
+    y0 = torch.rand(1, 3, 6, 6, generator=g) * 1.8 - 0.9
+    out = sr3.sample(oracle_denoiser(y0, prediction=truth), torch.zeros_like(y0), SCHEDULES["linear100"](),
+                     sr3.SamplerConfig("ddim"), prediction=assumed, generator=torch.Generator().manual_seed(1))
+    assert (out - y0).abs().max().item() > 0.1
 
 
 def test_every_registered_sampler_is_a_planner_of_the_schedule():
@@ -40,8 +55,96 @@ def test_every_registered_sampler_is_a_planner_of_the_schedule():
     for name, planner in sr3.SAMPLERS.items():
         plan = planner(schedule, sr3.SamplerConfig(name))
         assert plan.num_steps == 12 and np.array_equal(plan.timesteps, np.arange(12, 0, -1)), name
-    with pytest.raises(ValueError, match="must be one of \\('ancestral', 'ddim'\\)"):
+    with pytest.raises(ValueError, match="must be one of \\('ancestral', 'ddim', 'dpmpp_2m'\\)"):
         sr3.SamplerConfig("euler")
+
+
+@pytest.mark.parametrize("prediction", ["eps", "y0", "v"])
+def test_plan_y0_coefficients_invert_the_target(prediction):
+    # y_t = sqrt(g) y0 + sqrt(1 - g) eps; the target written out here from its definition.
+    schedule = sr3.NoiseSchedule.cosine(30)
+    plan = sr3.make_plan(schedule, sr3.SamplerConfig(clip=False), prediction)
+    rng = np.random.default_rng(0)
+    y0, eps = rng.uniform(-1, 1, plan.num_steps), rng.standard_normal(plan.num_steps)
+    level = np.sqrt(schedule.gammas[::-1])
+    y_t = level * y0 + np.sqrt(1 - level**2) * eps
+    target = {"eps": eps, "y0": y0, "v": level * eps - np.sqrt(1 - level**2) * y0}[prediction]
+    np.testing.assert_allclose(plan.state_coef * y_t - plan.output_coef * target, y0, rtol=1e-9, atol=1e-9)
+
+
+def _gaussian_flow_endpoint(y_T: torch.Tensor, gamma_T: float, s: float) -> torch.Tensor:
+    # For data y0 ~ N(0, s^2) the probability-flow ODE keeps y_t / sqrt(gamma s^2 + 1 - gamma)
+    # constant, so its exact end point from y_T is known in closed form.
+    return s * y_T / np.sqrt(gamma_T * s * s + 1.0 - gamma_T)
+
+
+def _gaussian_denoiser(s: float, prediction: str):
+    # The exact E[y0 | y_t] for y0 ~ N(0, s^2), returned as the target of `prediction`.
+    def denoise(x_up, y_t, noise_level):
+        level = noise_level.double().view(-1, 1, 1, 1)
+        gamma, y = level * level, y_t.double()
+        y0 = level * s * s * y / (gamma * s * s + 1.0 - gamma)
+        eps = (y - level * y0) / torch.sqrt(1.0 - gamma)
+        return {"eps": eps, "y0": y0, "v": level * eps - torch.sqrt(1.0 - gamma) * y0}[prediction].float()
+
+    return denoise
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_dpm_solver_2m_is_second_order_on_the_gaussian_flow(prediction):
+    # DDIM is the first-order solver of the same ODE; with few steps the second-order
+    # multistep method must be far closer to the exact end point, and converge faster.
+    s = 0.5
+    y_T = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for name in ("ddim", "dpmpp_2m"):
+        for steps in (16, 32):
+            schedule = sr3.NoiseSchedule.cosine(1000).respaced(steps)
+            plan = sr3.make_plan(schedule, sr3.SamplerConfig(name, clip=False), prediction)
+            out = run_plan(_gaussian_denoiser(s, prediction), torch.zeros_like(y_T), y_T, plan)
+            exact = _gaussian_flow_endpoint(y_T, float(schedule.gammas[-1]), s)
+            errors[name, steps] = float((out - exact).abs().max())
+    assert errors["dpmpp_2m", 16] < errors["ddim", 16] / 5
+    assert errors["ddim", 16] / errors["ddim", 32] < 2.5  # first order: about 2
+    assert errors["dpmpp_2m", 16] / errors["dpmpp_2m", 32] > 3.0  # second order: about 4
+    assert errors["dpmpp_2m", 32] < 1e-2
+
+
+def test_dpm_solver_2m_plan_follows_the_paper():
+    # Lu et al. 2022, algorithm 2 (DPM-Solver++(2M)), written out over lambda for a made-up
+    # network, against the plan run through the posterior-step op.
+    schedule = sr3.NoiseSchedule.linear(2000, 1e-6, 1e-2).respaced(7)
+    plan = dpmpp_2m_plan(schedule, sr3.SamplerConfig("dpmpp_2m", clip=False))
+    assert plan.multistep and np.all(plan.sigma == 0) and plan.extrapolation[0] == plan.extrapolation[-1] == 0
+
+    def network(x_up, y_t, level):
+        return torch.tanh(1.5 * y_t.double() + level.double().view(-1, 1, 1, 1)).to(y_t.dtype)
+
+    y_T = torch.randn(1, 3, 5, 4, generator=torch.Generator().manual_seed(3))
+    gammas = np.concatenate([[1.0], schedule.gammas])  # gammas[t] for t = 0..T
+    alpha, sigma = np.sqrt(gammas), np.sqrt(1 - gammas)
+    lam = lambda t: np.log(alpha[t] / sigma[t]) if t > 0 else np.inf  # noqa: E731
+    y, previous, h_previous = y_T.double(), None, None
+    for t in range(schedule.num_steps, 0, -1):
+        level = torch.tensor([alpha[t]])
+        y0_hat = (y - sigma[t] * network(None, y.float(), level).double()) / alpha[t]  # an eps network
+        h = lam(t - 1) - lam(t)
+        if previous is None or t == 1:
+            d = y0_hat
+        else:
+            r = h_previous / h
+            d = (1 + 1 / (2 * r)) * y0_hat - 1 / (2 * r) * previous
+        y = sigma[t - 1] / sigma[t] * y - alpha[t - 1] * np.expm1(-h) * d
+        previous, h_previous = y0_hat, h
+    out = run_plan(network, torch.zeros_like(y_T), y_T, plan)
+    torch.testing.assert_close(out, y.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_warm_start_does_not_extrapolate_from_a_step_it_did_not_run():
+    plan = sr3.make_plan(sr3.NoiseSchedule.linear(20, 1e-4, 0.1), sr3.SamplerConfig("dpmpp_2m", strength=0.5))
+    full = sr3.make_plan(sr3.NoiseSchedule.linear(20, 1e-4, 0.1), sr3.SamplerConfig("dpmpp_2m"))
+    assert plan.num_steps == 10 and plan.warm_start and plan.extrapolation[0] == 0.0
+    np.testing.assert_array_equal(plan.extrapolation[1:], full.extrapolation[11:])
 
 
 def test_ancestral_plan_is_the_reversed_posterior():
@@ -98,7 +201,7 @@ def test_callback_sees_every_step():
     assert seen == [(i, 7, (1, 3, 2, 2)) for i in range(7)]
 
 
-@pytest.mark.parametrize("name", ["ancestral", "ddim"])
+@pytest.mark.parametrize("name", ["ancestral", "ddim", "dpmpp_2m"])
 def test_the_public_sample_honours_strength(name):
     # The warm start runs the last 5 of 20 steps from the condition diffused by q(y_t | y_0):
     # with the condition equal to y0 and an oracle, every step sees a state on y0's trajectory.
@@ -126,7 +229,8 @@ def test_a_non_finite_output_names_the_step():
                  generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("config", [sr3.SamplerConfig(strength=0.3), sr3.SamplerConfig("ddim", strength=0.5)])
+@pytest.mark.parametrize("config", [sr3.SamplerConfig(strength=0.3), sr3.SamplerConfig("ddim", strength=0.5),
+                                    sr3.SamplerConfig("dpmpp_2m", strength=0.4)])
 def test_oracle_recovers_y0_from_a_warm_start(config):
     g = torch.Generator().manual_seed(2)
     y0 = torch.rand(1, 3, 6, 6, generator=g) * 1.8 - 0.9

@@ -56,8 +56,6 @@ def test_derived_tables_follow_equation_4(make):
         "gammas": gammas,
         "gammas_prev": prev,
         "noise_levels": [math.sqrt(g) for g in gammas],
-        "sqrt_recip_gamma": [1 / math.sqrt(g) for g in gammas],
-        "sqrt_recipm1_gamma": [math.sqrt(1 / g - 1) for g in gammas],
         "coef1": [math.sqrt(p) * b / (1 - g) for p, b, g in zip(prev, betas, gammas)],
         "coef2": [math.sqrt(1 - b) * (1 - p) / (1 - g) for p, b, g in zip(prev, betas, gammas)],
         "posterior_sigma": [math.sqrt((1 - p) * b / (1 - g)) for p, b, g in zip(prev, betas, gammas)],

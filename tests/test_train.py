@@ -109,6 +109,33 @@ def test_the_conditioning_resampler_is_trained_with_and_saved(images, tmp_path, 
     assert sr3.SR3Engine.from_pretrained(out / checkpoint.MODEL_DIR).resampler == "pil-bicubic"
 
 
+def test_fine_tuning_to_another_prediction_target_starts_from_the_given_weights(images, tmp_path, monkeypatch):
+    first = tmp_path / "eps"
+    assert train.main(["--data", str(images), "--out", str(first), "--steps", "1", *TINY]) == 0
+    start = load_file(str(first / checkpoint.MODEL_DIR / "model.safetensors"))
+    seen = []
+    real_build_run = train.build_run
+    monkeypatch.setattr(train, "build_run", lambda *a, **k: seen.append(a[-1]) or real_build_run(*a, **k))
+    out = tmp_path / "v"
+    assert train.main(["--data", str(images), "--out", str(out), "--steps", "2", "--prediction", "v",
+                       "--init-from", str(first / checkpoint.MODEL_DIR), *TINY]) == 0
+    assert seen and all(torch.equal(seen[0][name], start[name]) for name in start)
+    spec = model_dir.read_spec(out / checkpoint.MODEL_DIR)
+    assert spec.model.prediction == "v" and sr3.SR3Engine.from_pretrained(out / checkpoint.MODEL_DIR).prediction == "v"
+    assert _load(out)["args"]["init_from"] == str(first / checkpoint.MODEL_DIR)
+
+
+def test_init_from_a_model_of_another_architecture_is_refused(images, tmp_path, capsys):
+    first = tmp_path / "tiny"
+    assert train.main(["--data", str(images), "--out", str(first), "--steps", "1", *TINY]) == 0
+    capsys.readouterr()
+    args = [*TINY, "--data", str(images), "--out", str(tmp_path / "out"), "--steps", "1",
+            "--init-from", str(first / checkpoint.MODEL_DIR), "--config", "sr3-16-128"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --init-from: ") and "not --config's" in err[-1]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_killed_and_resumed_run_ends_bit_identical(images, tmp_path, workers):
     # Dropout and blur make every source of randomness count.

@@ -1,5 +1,5 @@
-// posterior_step on CUDA (math in sr3_kernels.h): one pass that reads y_t and eps (and the noise)
-// once and writes out once, in float32 whatever the storage types; y_t, eps and noise may each be
+// posterior_step on CUDA (math in sr3_kernels.h): one pass that reads y_t and pred (and the noise)
+// once and writes out once, in float32 whatever the storage types; y_t, pred and noise may each be
 // float32, float16 or bfloat16, out has y_t's type. Each thread handles one Philox quad (four
 // consecutive elements, philox.h) per grid-stride step, with one vector access per tensor when
 // every pointer is aligned for it. Seeded noise is drawn in registers, so no noise tensor exists.
@@ -33,12 +33,12 @@ __global__ void __launch_bounds__(kThreads) posterior_step_kernel(PosteriorStepA
     const int count = static_cast<int>(min64(4, a.numel - i));
     float y[4] = {}, e[4] = {}, z[4] = {};
     load_quad<Ty>(a.y_t, i, count, vector, y);
-    load_quad<Te>(a.eps, i, count, vector, e);
+    load_quad<Te>(a.pred, i, count, vector, e);
     if constexpr (kNoise == NoiseMode::kGiven) load_quad<Tn>(a.noise, i, count, vector, z);
     if constexpr (kNoise == NoiseMode::kPhilox) philox_normal4(a.seed, a.step, q, z);
     float r[4];
     for (int j = 0; j < 4; ++j) {
-      float y0 = y[j] * a.sqrt_recip_gamma - e[j] * a.sqrt_recipm1_gamma;
+      float y0 = y[j] * a.state_coef - e[j] * a.output_coef;
       // Comparisons rather than fminf/fmaxf, which would turn NaN into a bound and hide it from
       // the sampler's NaN check.
       if (a.clip) y0 = y0 < -1.0f ? -1.0f : (y0 > 1.0f ? 1.0f : y0);
@@ -69,12 +69,12 @@ namespace sr3 {
 const char* posterior_step_cuda(const PosteriorStepArgs& args, cudaStream_t stream) {
   using namespace cuda;
   dispatch_dtype(args.y_dtype, [&](auto y_traits) {
-    dispatch_dtype(args.eps_dtype, [&](auto eps_traits) {
+    dispatch_dtype(args.pred_dtype, [&](auto pred_traits) {
       using Ty = decltype(y_traits);
-      using Te = decltype(eps_traits);
+      using Te = decltype(pred_traits);
       bool vector = aligned(args.y_t, 4 * sizeof(typename Ty::Storage)) &&
                     aligned(args.out, 4 * sizeof(typename Ty::Storage)) &&
-                    aligned(args.eps, 4 * sizeof(typename Te::Storage));
+                    aligned(args.pred, 4 * sizeof(typename Te::Storage));
       switch (args.noise_mode) {
         case NoiseMode::kNone:
           launch<Ty, Te, Float32, NoiseMode::kNone>(args, vector, stream);

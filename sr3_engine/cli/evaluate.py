@@ -1,11 +1,12 @@
-"""Score a model against bicubic on held-out photos (PSNR, SSIM, consistency, contact sheet).
+"""Score a model against bicubic on held-out photos (PSNR, SSIM, consistency, detail, contact sheet).
 
 For every image under --data: the centre HR crop of --crop pixels, its low-res input made
 exactly as in training (antialiased bicubic downsampling, rounded to 8-bit levels), the
 model's output (--samples draws, seeds 0..K-1) and plain bicubic upsampling of the same
 input. PSNR and SSIM are computed on RGB in [0, 255] (rounded to 8-bit levels), the
 consistency (SR3 section 4: MSE between the output downsampled by the training kernel and
-the input) on [0, 1]. Results go to a table on stdout, `results.json` and a contact sheet
+the input) on [0, 1], the detail as mean |Laplacian| of the output over that of the HR crop
+(1: as much fine detail as the photo; bicubic is well under 1). Results go to a table on stdout, `results.json` and a contact sheet
 `contact_sheet.png` (LR nearest | bicubic | SR3 | HR, one row per image) under --out. An
 image that cannot be decoded is skipped with a warning line and listed in results.json.
 
@@ -44,6 +45,7 @@ class Scores:
     psnr: float
     ssim: float
     consistency: float
+    detail: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,8 @@ def score(output: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor, scale: int) 
     psnr = metrics.psnr(output, hr).tolist()
     ssim = metrics.ssim(output, hr).tolist()
     cons = metrics.consistency(output, lr, scale).tolist()
-    return [Scores(*values) for values in zip(psnr, ssim, cons)]
+    detail = metrics.detail(output, hr).tolist()
+    return [Scores(*values) for values in zip(psnr, ssim, cons, detail)]
 
 
 def mean_scores(scores: Sequence[Scores]) -> Scores:
@@ -122,13 +125,14 @@ def nearest_up(lr: torch.Tensor, scale: int) -> torch.Tensor:
 
 def format_table(results: Sequence[ImageResult]) -> str:
     lines = [f"{'image':<40} {'PSNR sr3':>9} {'bicubic':>8} {'SSIM sr3':>9} {'bicubic':>8} "
-             f"{'cons sr3':>10} {'bicubic':>10}"]
+             f"{'cons sr3':>10} {'bicubic':>10} {'detail sr3':>10} {'bicubic':>8}"]
     rows = [(r.name, r.model, r.bicubic) for r in results]
     rows.append(("mean", mean_scores([r.model for r in results]), mean_scores([r.bicubic for r in results])))
     for name, model, bicubic in rows:
         label = printable(name)[:40]
         lines.append(f"{label:<40} {model.psnr:9.2f} {bicubic.psnr:8.2f} {model.ssim:9.4f} {bicubic.ssim:8.4f} "
-                     f"{model.consistency:10.2e} {bicubic.consistency:10.2e}")
+                     f"{model.consistency:10.2e} {bicubic.consistency:10.2e} {model.detail:10.2f} "
+                     f"{bicubic.detail:8.2f}")
     return "\n".join(lines)
 
 

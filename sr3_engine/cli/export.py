@@ -138,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
         print("check:  skipped")
         return 0
     shapes = ", ".join(f"{b}x{h}x{w}" for b, h, w in check_shapes(model, args.dynamic))
-    print(f"check:  max |eps_onnx - eps_torch| = {error:.3g} at {shapes} (tolerance {TOLERANCE[dtype]:g})")
+    print(f"check:  max |output_onnx - output_torch| = {error:.3g} at {shapes} (tolerance {TOLERANCE[dtype]:g})")
     if error > TOLERANCE[dtype]:
         print(f"check failed: max abs error {error:.3g} > {TOLERANCE[dtype]:g}", file=sys.stderr)
         return EXIT_FAILED

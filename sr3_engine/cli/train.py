@@ -20,6 +20,7 @@ run are swept when the next one starts).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -29,8 +30,9 @@ import torch
 import torch.distributed as dist
 
 from .. import metrics
-from ..config import NAMED_UNET_CONFIGS, SCHEDULE_KINDS, ScheduleConfig, UNetConfig
+from ..config import NAMED_UNET_CONFIGS, PREDICTIONS, SCHEDULE_KINDS, ScheduleConfig, UNetConfig
 from ..io import sweep_temporaries
+from ..ops import OP_BACKENDS
 from ..runtime import model_dir
 from ..resize import RESAMPLERS
 from ..schedules import NoiseSchedule
@@ -40,9 +42,9 @@ from ..training.trainer import AMP_DTYPES, Run, build_run, finish, start_process
 from .common import EXIT_OK, EXIT_USAGE, UsageError, parse_device, print_error, run_until_stopped
 
 # Flags that define the run: resuming with a different value would be another run.
-RUN_DEFINING = ("config", "scale", "hr_size", "batch_size", "lr", "weight_decay", "warmup_steps", "ema_decay",
+RUN_DEFINING = ("config", "prediction", "init_from", "scale", "hr_size", "batch_size", "lr", "weight_decay", "warmup_steps", "ema_decay",
                 "loss", "seed", "grad_clip", "blur_sigma", "resampler", "schedule", "schedule_steps", "beta_start",
-                "beta_end", "sample_steps", "sample_beta_start", "sample_beta_end")
+                "beta_end", "sample_steps", "sample_beta_start", "sample_beta_end", "op_backend")
 
 
 def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
@@ -61,6 +63,10 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     add("--val-data", help="folder of validation images (centre crops); omit to skip validation")
     add("--out", required=with_defaults, help="output folder: model/, state.pt, log.jsonl")
     add("--config", "sr3-16-128", help=f"U-Net: a named config ({', '.join(NAMED_UNET_CONFIGS)}) or a JSON file")
+    add("--prediction", None, choices=PREDICTIONS,
+        help="what the network's output estimates (default: the config's, eps when it has none)")
+    add("--init-from", None, help="start from this model directory's weights (fine-tuning; its architecture "
+        "must be --config's, its prediction target may differ)")
     add("--scale", 8, type=int, help="super-resolution factor")
     add("--hr-size", 128, type=int, help="side of the square HR training crops; smaller images are skipped")
     add("--steps", 1_000_000, type=int, help="total optimiser steps of the run")
@@ -76,6 +82,9 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
         "and used whenever it is served (pil-bicubic: Pillow's, on 8-bit levels)")
     add("--seed", 0, type=int, help="seeds every random choice of the run")
     add("--amp", "auto", choices=("auto", "none", "bf16", "fp16"), help="CUDA autocast (auto: bf16 on CUDA)")
+    add("--op-backend", "auto", choices=("auto",) + OP_BACKENDS,
+        help="GroupNorm+SiLU kernels of the training network (native: PyTorch's ops, whose backward "
+        "is the faster one on the CPU today)")
     add("--device", "auto", help="cpu, cuda, cuda:N (auto: cuda when available; torchrun: cuda:LOCAL_RANK)")
     add("--num-workers", None, type=int, help="DataLoader workers per process (default: 0 on CPU, up to 4 on CUDA)")
     add("--save-every", 5000, type=int, help="checkpoint every N steps (and at the end); 0 = only at the end")
@@ -175,6 +184,8 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, UNetConfig, dic
             raise UsageError(f"{out / ckpt.STATE_FILE}: exists; pass --resume to continue that run "
                              "or pick another --out")
         config = model_config(args.config)
+        if args.prediction is not None:
+            config = dataclasses.replace(config, prediction=args.prediction)
     if not args.data:
         raise UsageError("--data is required")
     return args, config, state
@@ -192,7 +203,8 @@ def train(argv: list[str] | None = None) -> Run:
         paths = usable_images(Path(args.data), args.hr_size, warn=procs.is_main)
         val_paths = (usable_images(Path(args.val_data), args.hr_size, warn=procs.is_main)[:args.val_count]
                      if args.val_data else [])
-        run = build_run(args, config, procs, schedules(args), state)
+        run = build_run(args, config, procs, schedules(args), state,
+                        initial_weights(args.init_from, config) if state is None and args.init_from else None)
         run.data_fingerprint = fingerprint(Path(args.data), paths)
         if state is not None and procs.is_main:
             warn_if_data_changed(run, state)
@@ -208,6 +220,18 @@ def train(argv: list[str] | None = None) -> Run:
     finally:
         if procs.world_size > 1:
             dist.destroy_process_group()
+
+
+def initial_weights(name_or_path: str, config: UNetConfig) -> dict[str, torch.Tensor]:
+    """The weights of a model directory whose network is `config`'s (the prediction target aside)."""
+    try:
+        directory = model_dir.resolve(name_or_path)
+        spec = model_dir.read_spec(directory)
+        if dataclasses.replace(spec.model, prediction=config.prediction) != config:
+            raise ValueError(f"{directory}: its network is not --config's; --init-from needs the same architecture")
+        return model_dir.read_weights(directory)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--init-from: {error}") from None
 
 
 def warn_if_data_changed(run: Run, state: dict[str, Any]) -> None:

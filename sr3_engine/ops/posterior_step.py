@@ -1,10 +1,10 @@
 """posterior_step: one reverse-diffusion update (SR3 eq. 9-11 with the coefficients of eq. 4, or DDIM's).
 
-    y0_hat = y_t * sqrt_recip_gamma - eps * sqrt_recipm1_gamma      (clipped to [-1, 1] if clip)
+    y0_hat = y_t * state_coef - pred * output_coef      (clipped to [-1, 1] if clip)
     y_prev = coef1 * y0_hat + coef2 * y_t + sigma * z
 
 z is `noise` when given, else drawn from (seed, step) (see `dispatch` for the seed
-contract); with sigma == 0 no noise is used and none is required. y_t, eps and noise
+contract); with sigma == 0 no noise is used and none is required. y_t, pred and noise
 share one shape and device; float32/float16/bfloat16; the output has y_t's dtype and
 layout; arithmetic is float32 or better. In this file: the float64 reference, the shared
 argument rules, the native backend and the public entry point.
@@ -17,12 +17,12 @@ import torch
 from . import dispatch
 
 
-def posterior_step_ref(y_t: torch.Tensor, eps: torch.Tensor, *, sqrt_recip_gamma: float,
-                       sqrt_recipm1_gamma: float, coef1: float, coef2: float, sigma: float,
+def posterior_step_ref(y_t: torch.Tensor, pred: torch.Tensor, *, state_coef: float,
+                       output_coef: float, coef1: float, coef2: float, sigma: float,
                        noise: torch.Tensor | None = None, clip: bool = True) -> torch.Tensor:
     """Float64 reference of one reverse step with explicit noise (or none)."""
     y = y_t.double()
-    y0_hat = y * sqrt_recip_gamma - eps.double() * sqrt_recipm1_gamma
+    y0_hat = y * state_coef - pred.double() * output_coef
     if clip:
         y0_hat = y0_hat.clamp(-1.0, 1.0)
     out = coef1 * y0_hat + coef2 * y
@@ -31,10 +31,10 @@ def posterior_step_ref(y_t: torch.Tensor, eps: torch.Tensor, *, sqrt_recip_gamma
     return out.to(y_t.dtype)
 
 
-def check_arguments(y_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None, seed, sigma: float, *,
+def check_arguments(y_t: torch.Tensor, pred: torch.Tensor, noise: torch.Tensor | None, seed, sigma: float, *,
                     out: torch.Tensor | None = None, op: str = "posterior_step") -> None:
     """The rules every backend shares; a bad argument raises a one-line ValueError."""
-    for name, tensor in (("y_t", y_t), ("eps", eps), ("noise", noise), ("out", out)):
+    for name, tensor in (("y_t", y_t), ("pred", pred), ("noise", noise), ("out", out)):
         if tensor is None:
             continue
         if tensor.dtype not in dispatch.NATIVE_DTYPES:
@@ -64,10 +64,10 @@ def _seeded_normal(like: torch.Tensor, seed: int, step: int) -> torch.Tensor:
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
 
 
-def _native(y_t, eps, sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma, noise, seed, step, clip):
+def _native(y_t, pred, state_coef, output_coef, coef1, coef2, sigma, noise, seed, step, clip):
     compute = torch.float32 if y_t.dtype in dispatch.HALF_DTYPES else y_t.dtype
     y = y_t.to(compute)
-    y0_hat = y * sqrt_recip_gamma - eps.to(compute) * sqrt_recipm1_gamma
+    y0_hat = y * state_coef - pred.to(compute) * output_coef
     if clip:
         y0_hat = y0_hat.clamp(-1.0, 1.0)
     out = coef1 * y0_hat + coef2 * y
@@ -80,16 +80,16 @@ def _native(y_t, eps, sqrt_recip_gamma, sqrt_recipm1_gamma, coef1, coef2, sigma,
 dispatch.register("posterior_step", "native", _native)
 
 
-def posterior_step(y_t: torch.Tensor, eps: torch.Tensor, *, sqrt_recip_gamma: float,
-                   sqrt_recipm1_gamma: float, coef1: float, coef2: float, sigma: float,
+def posterior_step(y_t: torch.Tensor, pred: torch.Tensor, *, state_coef: float,
+                   output_coef: float, coef1: float, coef2: float, sigma: float,
                    noise: torch.Tensor | None = None, seed: int | torch.Tensor | None = None, step: int = 0,
                    clip: bool = True, backend: str = "auto") -> torch.Tensor:
     """One reverse-diffusion update; `seed` is an int or a 0-d int64 tensor on y_t's device."""
-    check_arguments(y_t, eps, noise, seed, sigma)
+    check_arguments(y_t, pred, noise, seed, sigma)
     implementation = dispatch.implementation("posterior_step", backend, y_t)
     if isinstance(seed, torch.Tensor) and not implementation.device_seed:
         seed = int(seed)
     if seed is not None and not isinstance(seed, torch.Tensor):
         seed = dispatch.as_int64_seed(seed)
-    return implementation.run(y_t, eps, float(sqrt_recip_gamma), float(sqrt_recipm1_gamma), float(coef1),
+    return implementation.run(y_t, pred, float(state_coef), float(output_coef), float(coef1),
                               float(coef2), float(sigma), noise, seed, int(step), clip)

@@ -26,7 +26,7 @@ import torch.nn as nn
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..config import UNetConfig
+from ..config import PREDICTIONS, UNetConfig
 from ..diffusion import condition, output_image
 from ..io import has_alpha, pil_to_tensor, tensor_to_pil, to_rgb_or_rgba
 from ..resize import RESAMPLERS
@@ -39,12 +39,25 @@ from .tiling import TileGrid, default_budget, plan_tiles
 ENGINE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _prediction_of(model: nn.Module, prediction: str | None) -> str:
+    config = getattr(model, "config", None)
+    own = config.prediction if isinstance(config, UNetConfig) else None
+    if prediction is not None and own is not None and prediction != own:
+        raise ValueError(f"SR3Engine: prediction={prediction!r} but the model's config predicts {own!r}")
+    chosen = prediction or own or "eps"
+    if chosen not in PREDICTIONS:
+        raise ValueError(f"SR3Engine: prediction must be one of {PREDICTIONS}; got {chosen!r}")
+    return chosen
+
+
 def default_schedule() -> NoiseSchedule:
     return NoiseSchedule.linear(100, 1e-4, 0.1)
 
 
 class SR3Engine:
-    """Serve an SR3 denoiser. `model` is any module with model(x_up, y_t, noise_level) -> eps.
+    """Serve an SR3 denoiser. `model` is any module with model(x_up, y_t, noise_level) -> output,
+    where the output estimates `prediction` (eps, y0 or v; an SR3UNet's own config says which,
+    any other module is taken as eps unless `prediction` says otherwise).
 
     What happens to `model` depends on the backend (see runtime/backends): `eager`, `compile`
     and `fused` take it over, moving it to `device` and `dtype` (and, for `fused`, to
@@ -58,7 +71,7 @@ class SR3Engine:
                  dtype: torch.dtype = torch.float32, sampler: str | SamplerConfig = "ancestral",
                  progress: bool = True, op_backend: str = "auto", backend_options: dict[str, Any] | None = None,
                  tile: int | None = None, tile_overlap: int | None = None, max_memory: int | None = None,
-                 resampler: str = "bicubic"):
+                 resampler: str = "bicubic", prediction: str | None = None):
         if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
             raise ValueError(f"SR3Engine: scale must be a positive integer; got {scale!r}")
         if dtype not in ENGINE_DTYPES:
@@ -70,6 +83,7 @@ class SR3Engine:
         if resampler not in RESAMPLERS:
             raise ValueError(f"SR3Engine: resampler must be one of {RESAMPLERS}; got {resampler!r}")
         self._resampler = resampler
+        self._prediction = _prediction_of(model, prediction)
         self._schedule = schedule if schedule is not None else default_schedule()
         self._scale = scale
         self._sampler = sampler if isinstance(sampler, SamplerConfig) else SamplerConfig(name=sampler)
@@ -90,6 +104,7 @@ class SR3Engine:
     tile = property(lambda self: self._tile, doc="Default tile side in output pixels; None: automatic.")
     tile_overlap = property(lambda self: self._tile_overlap, doc="Default tile overlap; None: automatic.")
     resampler = property(lambda self: self._resampler, doc="How the condition is upsampled (resize.RESAMPLERS).")
+    prediction = property(lambda self: self._prediction, doc="What the model's output estimates: eps, y0 or v.")
     max_memory = property(lambda self: self._max_memory,
                           doc="Bytes of denoiser working memory allowed; None: a share of free memory.")
 
@@ -166,7 +181,7 @@ class SR3Engine:
         height, width = lr.shape[-2] * self._scale, lr.shape[-1] * self._scale
         grid = self.tile_grid(x_up.shape[0], tuple(x_up.shape[-2:]), tile=tile, tile_overlap=tile_overlap)
 
-        steps_run = make_plan(schedule, config).num_steps
+        steps_run = make_plan(schedule, config, self._prediction).num_steps
         with tqdm(total=steps_run, desc="sampling", unit="step", disable=not self._progress, leave=False) as bar:
             def on_step(i: int, total: int, y: torch.Tensor) -> None:
                 bar.update(1)
@@ -174,7 +189,8 @@ class SR3Engine:
                     callback(i, total, y)
 
             run = functools.partial(self._backend.run, tiles=grid)
-            y0 = sample_with(run, x_up, schedule, config, generator=generator, callback=on_step)
+            y0 = sample_with(run, x_up, schedule, config, prediction=self._prediction, generator=generator,
+                             callback=on_step)
         y0 = y0[..., :height, :width]
         return output_image(y0).to(lr.device)
 

@@ -2,7 +2,8 @@
 
 The command around it is `python -m sr3_engine export` (cli/export.py); the onnxruntime and
 tensorrt engine backends export through `export_onnx` too. The graph is the denoiser alone,
-`(x_up, y_t, noise_level) -> eps`: the sampling loop, its noise and its schedule stay in the
+`(x_up, y_t, noise_level) -> output`, the output named after what it estimates (`eps`, `y0`
+or `v`: the model's `UNetConfig.prediction`, `output_name`): the sampling loop, its noise and its schedule stay in the
 engine, so one file serves every schedule, sampler and step count, and the same generator
 seed gives the same noise on every backend.
 
@@ -16,7 +17,7 @@ the fused C++/Triton kernels have no ONNX form.
 
 The check runs the file with onnxruntime on the CPU at two batch sizes and two resolutions
 that differ from the export example (so a dimension that was silently specialised fails it)
-and compares eps with eager PyTorch in the same dtype; `TOLERANCE` is the max abs error
+and compares the output with eager PyTorch in the same dtype; `TOLERANCE` is the max abs error
 allowed.
 """
 
@@ -36,10 +37,9 @@ from ..io import atomic_path
 from ..unet import GroupNormSiLU
 
 INPUT_NAMES = ("x_up", "y_t", "noise_level")
-OUTPUT_NAME = "eps"
 MIN_OPSET = 18  # GroupNormalization's first version
 DEFAULT_OPSET = 21  # GroupNormalization with per-channel scale/bias, as torch's GroupNorm
-# Max abs error on eps; fp16 rounds every activation to 11 bits, so its bound is looser.
+# Max abs error on the output; fp16 rounds every activation to 11 bits, so its bound is looser.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2}
 # A protobuf cannot exceed 2 GiB; larger weights would need ONNX external data files.
 MAX_INLINE_BYTES = 2**31 - 2**24
@@ -111,6 +111,11 @@ def example_inputs(batch: int, height: int, width: int, dtype: torch.dtype, devi
     return x_up.to(device, dtype), y_t.to(device, dtype), level.to(device)
 
 
+def output_name(model: nn.Module) -> str:
+    """The graph output's name: the model's prediction target (eps for a module without a config)."""
+    return getattr(getattr(model, "config", None), "prediction", "eps")
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
                 dynamic: bool = True) -> Path:
     """Write `model` (already in its export dtype, on the CPU or a GPU) to `path` atomically.
@@ -131,12 +136,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = DEFAU
         dynamic_shapes = {"x_up": image, "y_t": image, "noise_level": {0: dim}}
     with _native_group_norm(model), _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(model.eval(), inputs, None, input_names=list(INPUT_NAMES),
-                                    output_names=[OUTPUT_NAME], opset_version=opset, dynamo=True,
+                                    output_names=[output_name(model)], opset_version=opset, dynamo=True,
                                     dynamic_shapes=dynamic_shapes, verbose=False)
         if dynamic:
             shape = program.model.graph.inputs[0].shape
             program.rename_axes({shape[0]: "batch", shape[2]: "height", shape[3]: "width"})
-            # eps has x_up's shape; the tracer only knows it as an expression of the padding arithmetic.
+            # The output has x_up's shape; the tracer only knows it as an expression of the padding arithmetic.
             program.model.graph.outputs[0].shape = program.model.graph.inputs[0].shape
         with atomic_path(path) as tmp:
             program.save(tmp, external_data=False)
@@ -153,7 +158,7 @@ def check_shapes(model: nn.Module, dynamic: bool) -> list[tuple[int, int, int]]:
 
 
 def max_abs_error(onnx_path: str | os.PathLike, model: nn.Module, shapes: Sequence[tuple[int, int, int]]) -> float:
-    """Largest |eps_onnxruntime - eps_pytorch| over `shapes`, on the CPU in the model's dtype."""
+    """Largest |output_onnxruntime - output_pytorch| over `shapes`, on the CPU in the model's dtype."""
     ort = require("onnxruntime", "the onnxruntime check")
     dtype = next(model.parameters()).dtype
     if dtype == torch.bfloat16:
@@ -165,7 +170,7 @@ def max_abs_error(onnx_path: str | os.PathLike, model: nn.Module, shapes: Sequen
     with _native_group_norm(model), torch.no_grad():
         for seed, (batch, height, width) in enumerate(shapes):
             inputs = example_inputs(batch, height, width, dtype, seed=seed)
-            (eps,) = session.run([OUTPUT_NAME], {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)})
+            (output,) = session.run([output_name(model)], {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)})
             reference = model(*inputs).float()
-            worst = max(worst, float((torch.from_numpy(eps).float() - reference).abs().max()))
+            worst = max(worst, float((torch.from_numpy(output).float() - reference).abs().max()))
     return worst

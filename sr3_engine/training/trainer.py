@@ -37,7 +37,7 @@ from ..diffusion import condition, diffusion_loss, output_image
 from ..runtime import model_dir
 from ..samplers import SamplerConfig, sample
 from ..schedules import NoiseSchedule
-from ..unet import SR3UNet
+from ..unet import SR3UNet, set_op_backend
 from . import checkpoint as ckpt
 from .data import CropDataset, StreamBatchSampler, derive_seed, make_loader, make_lr
 
@@ -108,11 +108,17 @@ def amp_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | N
 
 
 def build_run(args: argparse.Namespace, config: UNetConfig, procs: Processes,
-              schedules: tuple[NoiseSchedule, NoiseSchedule], state: dict[str, Any] | None) -> Run:
-    """A fresh run seeded from --seed, or the run saved in `state`."""
+              schedules: tuple[NoiseSchedule, NoiseSchedule], state: dict[str, Any] | None,
+              initial_weights: dict[str, torch.Tensor] | None = None) -> Run:
+    """A fresh run seeded from --seed (starting from `initial_weights` when given: fine-tuning),
+    or the run saved in `state`."""
     device = procs.device
     torch.manual_seed(derive_seed(args.seed, "init"))
-    model = SR3UNet(config).to(device)
+    model = SR3UNet(config)
+    if initial_weights is not None:
+        model.load_state_dict(initial_weights)
+    set_op_backend(model, args.op_backend)
+    model = model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     warmup = args.warmup_steps
@@ -173,7 +179,8 @@ def train_step(run: Run, x_up: torch.Tensor, y0: torch.Tensor) -> tuple[torch.Te
     with autocast(run):
         # The DDP wrapper hides model.config, so the noise-level space is passed explicitly.
         loss = diffusion_loss(run.net, x_up, y0, run.train_schedule, 1 if args.loss == "l1" else 2,
-                              generator=run.noise, level_space=run.config.noise_level_input)
+                              generator=run.noise, level_space=run.config.noise_level_input,
+                              prediction=run.config.prediction)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.optimizer)

@@ -236,8 +236,8 @@ class FusedBackend:
 
 def _plan_digest(plan: SamplingPlan) -> str:
     digest = hashlib.sha256()
-    for array in (plan.noise_level, plan.sqrt_recip_gamma, plan.sqrt_recipm1_gamma, plan.coef1, plan.coef2,
-                  plan.sigma):
+    for array in (plan.noise_level, plan.state_coef, plan.output_coef, plan.coef1, plan.coef2,
+                  plan.sigma, plan.extrapolation):
         digest.update(array.tobytes())
     digest.update(bytes([plan.clip]))
     return digest.hexdigest()

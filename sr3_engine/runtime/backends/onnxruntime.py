@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ...samplers import SamplingPlan, StepCallback
-from ..onnx_export import DEFAULT_OPSET, ExportError, export_onnx
+from ..onnx_export import DEFAULT_OPSET, ExportError, export_onnx, output_name
 from ..tiling import TileGrid
 from .base import BackendUnavailableError, run_eagerly
 
@@ -72,6 +72,10 @@ class OnnxRuntimeBackend:
             raise ValueError("engine backend 'onnxruntime': opset applies to an export; onnx_path is already one")
         self.onnx_path = Path(onnx_path)
         self.session = ort.InferenceSession(str(self.onnx_path), providers=providers)
+        self.output_name = self.session.get_outputs()[0].name
+        if self.output_name != output_name(model):
+            raise ValueError(f"engine backend 'onnxruntime': {self.onnx_path} outputs {self.output_name!r} but the "
+                             f"model predicts {output_name(model)!r}; export this model")
         found = {i.name: i.type for i in self.session.get_inputs()}
         wanted_types = {"x_up": _ONNX_TYPES[dtype], "y_t": _ONNX_TYPES[dtype], "noise_level": "tensor(float)"}
         for name, wanted in wanted_types.items():
@@ -94,15 +98,15 @@ class OnnxRuntimeBackend:
     def denoise(self, x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
         inputs = {"x_up": x_up.contiguous(), "y_t": y_t.contiguous(), "noise_level": noise_level.float().contiguous()}
         if self.device.type == "cpu":
-            (eps,) = self.session.run(["eps"], {name: t.numpy() for name, t in inputs.items()})
-            return torch.from_numpy(eps)
+            (output,) = self.session.run([self.output_name], {name: t.numpy() for name, t in inputs.items()})
+            return torch.from_numpy(output)
         eps = torch.empty_like(inputs["y_t"])
         binding = self.session.io_binding()
         index = eps.device.index
         for name, tensor in inputs.items():
             binding.bind_input(name, "cuda", index, _NUMPY_DTYPES[tensor.dtype], tuple(tensor.shape),
                                tensor.data_ptr())
-        binding.bind_output("eps", "cuda", index, _NUMPY_DTYPES[eps.dtype], tuple(eps.shape), eps.data_ptr())
+        binding.bind_output(self.output_name, "cuda", index, _NUMPY_DTYPES[eps.dtype], tuple(eps.shape), eps.data_ptr())
         # The session runs on the engine's stream: after the work that made its inputs, before
         # the work that reads eps, both on torch's current stream.
         current = torch.cuda.current_stream(eps.device)
