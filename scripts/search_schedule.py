@@ -34,33 +34,32 @@ from sr3_engine.runtime import model_dir
 from sr3_engine.runtime.model_dir import ModelSpec
 from sr3_engine.training.data import load_centre_crops, usable_images
 
-# (sampler, schedule kind, steps, last beta of a linear schedule, strength)
+# (sampler, steps the model's inference schedule is respaced to, strength): what
+# `python -m sr3_engine evaluate --sampler S --steps N --strength X` runs.
 CANDIDATES = [
-    ("ancestral", "linear", 100, 0.1, 1.0),
-    ("ancestral", "linear", 50, 0.2, 1.0),
-    ("ancestral", "train-respaced", 50, None, 1.0),
-    ("ddim", "linear", 50, 0.2, 1.0),
-    ("dpmpp_2m", "linear", 50, 0.2, 1.0),
-    ("dpmpp_2m", "linear", 20, 0.5, 1.0),
-    ("dpmpp_2m", "train-respaced", 20, None, 1.0),
-    ("ddim", "train-respaced", 1, None, 1.0),
-    *[(sampler, "linear", 100, 0.1, strength) for sampler in ("ancestral", "ddim") for strength in (0.5, 0.3, 0.2)],
-    ("dpmpp_2m", "linear", 100, 0.1, 0.3),
-    ("dpmpp_2m", "linear", 100, 0.1, 0.5),
+    ("ancestral", 100, 1.0),
+    ("ancestral", 50, 1.0),
+    ("ancestral", 20, 1.0),
+    ("ddim", 50, 1.0),
+    ("dpmpp_2m", 50, 1.0),
+    ("dpmpp_2m", 20, 1.0),
+    ("dpmpp_2m", 10, 1.0),
+    ("mean", 100, 1.0),
+    ("ancestral", 100, 0.5),
+    ("ancestral", 100, 0.3),
+    ("ddim", 100, 0.5),
+    ("ddim", 100, 0.3),
+    ("ddim", 100, 0.2),
+    ("dpmpp_2m", 100, 0.3),
+    ("dpmpp_2m", 50, 0.5),
 ]
-HEADER = ("| target | sampler | schedule | steps run | strength | PSNR | SSIM | detail | consistency | s/image |\n"
+HEADER = ("| target | sampler | schedule steps | steps run | strength | PSNR | SSIM | detail | consistency | s/image |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
-
-
-def schedule_for(kind: str, steps: int, end: float | None, train: sr3.ScheduleConfig) -> sr3.NoiseSchedule:
-    if kind == "train-respaced":
-        return sr3.NoiseSchedule.from_config(dataclasses.replace(train, respace=steps))
-    return sr3.NoiseSchedule.linear(steps, 1e-4, end)
 
 
 def markdown_row(row: dict) -> str:
     model = row["model"]
-    return (f"| {row['prediction']} | {row['sampler']['name']} | {row['label']} | {row['steps_run']} | "
+    return (f"| {row['prediction']} | {row['sampler']['name']} | {row['schedule_steps']} | {row['steps_run']} | "
             f"{row['sampler']['strength']} | {model['psnr']:.2f} | {model['ssim']:.4f} | {model['detail']:.2f} | "
             f"{model['consistency']:.2e} | {row['seconds_per_image']:.1f} |")
 
@@ -73,32 +72,27 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None, help="use the first N images (sorted by path)")
     parser.add_argument("--samples", type=int, default=1, help="draws per image (seeds 0..K-1)")
     parser.add_argument("--only", type=int, nargs="*", default=None, help="indices into CANDIDATES")
-    parser.add_argument("--train-schedule", default=None,
-                        help="ScheduleConfig JSON of the training schedule (default: the model's)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ship", type=Path, default=None, help="write the model with the best candidate here")
     args = parser.parse_args()
 
     engine = sr3.SR3Engine.from_pretrained(args.model, progress=False)
     spec = model_dir.read_spec(model_dir.resolve(args.model))
-    train = (sr3.ScheduleConfig.from_json(args.train_schedule) if args.train_schedule
-             else spec.train_schedule or sr3.ScheduleConfig())
     paths = usable_images(args.data, args.crop)[:args.limit]
     hr = load_centre_crops(paths, args.crop)
     names = [p.stem for p in paths]
     candidates = [CANDIDATES[i] for i in args.only] if args.only is not None else CANDIDATES
     rows, bicubic = [], None
     print(HEADER)
-    for sampler, kind, steps, end, strength in candidates:
-        schedule = schedule_for(kind, steps, end, train)
+    for sampler, steps, strength in candidates:
+        schedule = engine.schedule_for(steps)
         config = sr3.SamplerConfig(sampler, strength=strength)
         started = time.perf_counter()
         results, _, _, _ = evaluate(engine, hr, names, sampler=config, schedule=schedule, samples=args.samples)
         seconds = time.perf_counter() - started
         model, bicubic = mean_scores([r.model for r in results]), mean_scores([r.bicubic for r in results])
         rows.append({"prediction": engine.prediction, "sampler": config.to_dict(), "schedule": schedule.config.to_dict(),
-                     "label": f"{kind} {steps}" + (f" end {end}" if end else ""),
-                     "steps_run": sr3.make_plan(schedule, config).num_steps,
+                     "schedule_steps": steps, "steps_run": sr3.make_plan(schedule, config).num_steps,
                      "model": dataclasses.asdict(model), "per_image": [dataclasses.asdict(r.model) for r in results],
                      "seconds_per_image": seconds / (len(names) * args.samples)})
         print(markdown_row(rows[-1]), flush=True)
@@ -111,10 +105,12 @@ def main() -> int:
     args.out.write_text(json.dumps({"data": str(args.data), "crop": args.crop, "samples": args.samples,
                                     "images": names, "rows": rows, "bicubic": dataclasses.asdict(bicubic),
                                     "best": best}, indent=2) + "\n")
-    print(f"best: {best['sampler']['name']} {best['label']} strength {best['sampler']['strength']}; wrote {args.out}")
+    print(f"best: {best['sampler']['name']} {best['schedule_steps']} steps strength {best['sampler']['strength']}; "
+          f"wrote {args.out}")
     if args.ship is not None:
         shipped = ModelSpec(engine.model.config, sr3.ScheduleConfig.from_dict(best["schedule"]),
-                            sr3.SamplerConfig.from_dict(best["sampler"]), engine.scale, engine.resampler, train)
+                            sr3.SamplerConfig.from_dict(best["sampler"]), engine.scale, engine.resampler,
+                            spec.train_schedule)
         model_dir.write(args.ship, engine.model.state_dict(), shipped, weights_dtype=torch.float16)
         print(f"shipped {args.ship}")
     return 0

@@ -19,7 +19,10 @@ levels the network sees, h = lambda_prev - lambda_t, r = h of the step before / 
     D = y0_hat + (y0_hat - y0_hat of the step before) / (2 r)     (D = y0_hat on the first step
                                                                    and on the last, to gamma = 1)
     coef1 = sqrt(gamma_prev) (1 - e^-h),  coef2 = sqrt(1 - gamma_prev) / sqrt(1 - gamma_t),  sigma = 0
-with D in place of y0_hat. A multistep plan (`SamplingPlan.extrapolation` not all 0) carries the
+with D in place of y0_hat. "mean" is one step from the schedule's noisiest level straight to
+y0_hat (coef1 = 1, coef2 = sigma = 0): the network's estimate of E[y0 | x], the highest-PSNR
+output a v or y0 model gives (an eps model's is noise: 1/sqrt(gamma) amplifies its error).
+A multistep plan (`SamplingPlan.extrapolation` not all 0) carries the
 previous y0_hat; its step is two calls of the same op: f -> y0_hat, then D -> y_prev.
 
 A sampler is a planner: a small function (schedule, config) -> SamplingPlan, registered
@@ -55,9 +58,9 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class SamplerConfig(JsonConfig):
     """How the reverse process is run.
 
-    `name` is a key of `SAMPLERS`. `sigma="posterior"` uses the posterior standard deviation
-    of eq. 4, `"beta"` the paper's sqrt(1 - alpha_t). `eta` only applies to DDIM (0 =
-    deterministic).
+    `name` is a key of `SAMPLERS`: ancestral, ddim, dpmpp_2m or mean. `sigma="posterior"` uses
+    the posterior standard deviation of eq. 4, `"beta"` the paper's sqrt(1 - alpha_t) (ancestral
+    only). `eta` only applies to DDIM (0 = deterministic).
 
     `strength` is the fraction of the schedule that is run. At 1 the reverse process starts
     from pure noise (SR3). Below 1 it starts from the condition diffused to the noise level
@@ -183,6 +186,17 @@ def dpmpp_2m_plan(schedule: NoiseSchedule, config: SamplerConfig) -> SamplingPla
     return _reversed_plan(schedule, coef1, coef2, np.zeros_like(h), config.clip, extrapolation)
 
 
+def mean_plan(schedule: NoiseSchedule, config: SamplerConfig) -> SamplingPlan:
+    """One network evaluation at gamma_T, returning its y0_hat; `strength`, `eta` and `sigma` do not apply."""
+    last = slice(schedule.num_steps - 1, schedule.num_steps)
+    return SamplingPlan(
+        timesteps=np.array([schedule.num_steps]),
+        noise_level=schedule.noise_levels[last].copy(),
+        coef1=np.ones(1), coef2=np.zeros(1), sigma=np.zeros(1), extrapolation=np.zeros(1),
+        clip=config.clip,
+    )
+
+
 def _reversed_plan(schedule: NoiseSchedule, coef1, coef2, sigma, clip: bool,
                    extrapolation: np.ndarray | None = None) -> SamplingPlan:
     order = slice(None, None, -1)
@@ -206,6 +220,7 @@ SAMPLERS: dict[str, Planner] = {
     "ancestral": ancestral_plan,
     "ddim": ddim_plan,
     "dpmpp_2m": dpmpp_2m_plan,
+    "mean": mean_plan,
 }
 
 

@@ -24,6 +24,7 @@ CONFIGS = {
     "ddim_eta05": sr3.SamplerConfig("ddim", eta=0.5),
     "dpmpp_2m": sr3.SamplerConfig("dpmpp_2m"),
     "dpmpp_2m_noclip": sr3.SamplerConfig("dpmpp_2m", clip=False),
+    "mean": sr3.SamplerConfig("mean"),
 }
 
 
@@ -54,9 +55,29 @@ def test_every_registered_sampler_is_a_planner_of_the_schedule():
     schedule = sr3.NoiseSchedule.linear(12, 1e-3, 0.2)
     for name, planner in sr3.SAMPLERS.items():
         plan = planner(schedule, sr3.SamplerConfig(name))
-        assert plan.num_steps == 12 and np.array_equal(plan.timesteps, np.arange(12, 0, -1)), name
-    with pytest.raises(ValueError, match="must be one of \\('ancestral', 'ddim', 'dpmpp_2m'\\)"):
+        expected = np.array([12]) if name == "mean" else np.arange(12, 0, -1)
+        assert np.array_equal(plan.timesteps, expected), name
+    with pytest.raises(ValueError, match="must be one of \\('ancestral', 'ddim', 'dpmpp_2m', 'mean'\\)"):
         sr3.SamplerConfig("euler")
+
+
+@pytest.mark.parametrize("prediction", ["eps", "y0", "v"])
+def test_the_mean_is_the_networks_y0_estimate_at_the_noisiest_level(prediction):
+    schedule = sr3.NoiseSchedule.linear(20, 1e-4, 0.2)
+    seen = []
+
+    def network(x_up, y_t, level):
+        seen.append(float(level[0]))
+        return torch.full_like(y_t, 0.3)
+
+    y_T = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    plan = sr3.make_plan(schedule, sr3.SamplerConfig("mean", clip=False), prediction)
+    out = run_plan(network, torch.zeros_like(y_T), y_T, plan)
+    g = float(schedule.gammas[-1])
+    expected = {"eps": y_T / np.sqrt(g) - np.sqrt(1 / g - 1) * 0.3, "y0": torch.full_like(y_T, 0.3),
+                "v": np.sqrt(g) * y_T - np.sqrt(1 - g) * 0.3}[prediction]
+    assert seen == [pytest.approx(np.sqrt(g))]
+    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "y0", "v"])

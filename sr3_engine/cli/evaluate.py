@@ -6,7 +6,8 @@ model's output (--samples draws, seeds 0..K-1) and plain bicubic upsampling of t
 input. PSNR and SSIM are computed on RGB in [0, 255] (rounded to 8-bit levels), the
 consistency (SR3 section 4: MSE between the output downsampled by the training kernel and
 the input) on [0, 1], the detail as mean |Laplacian| of the output over that of the HR crop
-(1: as much fine detail as the photo; bicubic is well under 1). Results go to a table on stdout, `results.json` and a contact sheet
+(1: as much fine detail as the photo; bicubic is well under 1). Results go to a table on
+stdout, `results.json` and a contact sheet
 `contact_sheet.png` (LR nearest | bicubic | SR3 | HR, one row per image) under --out. An
 image that cannot be decoded is skipped with a warning line and listed in results.json.
 
@@ -217,7 +218,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     seconds = time.perf_counter() - started
     print(format_table(results))
-    print(f"PSNR and SSIM on RGB in [0, 255]; consistency is an MSE on [0, 1]. {len(paths)} images, "
+    print(f"PSNR and SSIM on RGB in [0, 255]; consistency is an MSE on [0, 1]; detail is mean |Laplacian| over "
+          f"the HR crop's. {len(paths)} images, "
           f"{args.samples} sample(s) each, {seconds:.1f} s")
 
     rows = [(nearest_up(lr[i], args.scale), bicubic[i], first_draw[i], hr[i]) for i in range(len(paths))]
@@ -227,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
         "model": str(args.model), "data": str(args.data), "scale": args.scale, "crop": args.crop,
         "steps": args.steps if args.steps is not None else engine.schedule.num_steps,
         "sampler": sampler.to_dict(), "samples": args.samples, "seconds": seconds,
-        "units": {"psnr": "dB on RGB [0, 255]", "ssim": "RGB [0, 255]", "consistency": "MSE on [0, 1]"},
+        "units": {"psnr": "dB on RGB [0, 255]", "ssim": "RGB [0, 255]", "consistency": "MSE on [0, 1]",
+                  "detail": "mean |Laplacian| over the HR crop's"},
         "mean": {"model": dataclasses.asdict(mean_scores([r.model for r in results])),
                  "bicubic": dataclasses.asdict(mean_scores([r.bicubic for r in results]))},
         "images": [dataclasses.asdict(r) for r in results],
