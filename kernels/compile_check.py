@@ -103,7 +103,7 @@ def posterior_step_launch(numel: int, dtype: torch.dtype, noise: str, sms: int) 
     as i32), "large seed" (what generators give, passed as i64) or "seed tensor"."""
     mode = ps._GIVEN_NOISE if noise == "given" else ps._DRAWN_NOISE
     block = ps._block(numel, 2 * sms)
-    args = dict(y_ptr=dtype, eps_ptr=dtype, noise_ptr=dtype if noise == "given" else None, out_ptr=dtype,
+    args = dict(y_ptr=dtype, pred_ptr=dtype, noise_ptr=dtype if noise == "given" else None, out_ptr=dtype,
                 seed_ptr=torch.int64 if noise == "seed tensor" else None, seed=2**40 if noise == "large seed" else 1,
                 step=1, numel=numel,
                 state_coef=1.0, output_coef=1.0, coef1=0.5, coef2=0.5, sigma=0.1)

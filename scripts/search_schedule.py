@@ -56,8 +56,8 @@ CANDIDATES = [
     ("ddim", 20, 0.5),
     ("dpmpp_2m", 20, 0.5),
 ]
-HEADER = ("| target | sampler | schedule steps | steps run | strength | PSNR | SSIM | detail | consistency | s/image |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| target | sampler | schedule steps | steps run | strength | PSNR | SSIM | detail | consistency "
+          "| s/image |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def markdown_row(row: dict) -> str:
@@ -98,7 +98,8 @@ def main() -> int:
         results, _, _, _ = evaluate(engine, hr, names, sampler=config, schedule=schedule, samples=args.samples)
         seconds = time.perf_counter() - started
         model, bicubic = mean_scores([r.model for r in results]), mean_scores([r.bicubic for r in results])
-        rows.append({"prediction": engine.prediction, "sampler": config.to_dict(), "schedule": schedule.config.to_dict(),
+        rows.append({"prediction": engine.prediction, "sampler": config.to_dict(),
+                     "schedule": schedule.config.to_dict(),
                      "schedule_steps": steps, "steps_run": sr3.make_plan(schedule, config).num_steps,
                      "model": dataclasses.asdict(model), "per_image": [dataclasses.asdict(r.model) for r in results],
                      "seconds_per_image": seconds / (len(names) * args.samples)})

@@ -8,8 +8,9 @@ alpha_t = 1 - beta_t, gamma_t = prod_{s<=t} alpha_s and gamma_0 = 1:
     posterior_sigma_t = sqrt((1 - gamma_{t-1}) (1 - alpha_t) / (1 - gamma_t))
 
 The per-step y0_hat coefficients depend on the model's prediction target as well, so they
-are made with the plan (`diffusion.y0_coefficients`). Tables are computed once in float64 and only cast at the point of use, because
-1 - gamma_t and 1/gamma_t lose most of their digits in float32 near both ends.
+are made with the plan (`diffusion.y0_coefficients`). Tables are computed once in float64 and
+only cast at the point of use, because 1 - gamma_t and 1/gamma_t lose most of their digits in
+float32 near both ends.
 """
 
 from __future__ import annotations

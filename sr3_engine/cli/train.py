@@ -42,9 +42,10 @@ from ..training.trainer import AMP_DTYPES, Run, build_run, finish, start_process
 from .common import EXIT_OK, EXIT_USAGE, UsageError, parse_device, print_error, run_until_stopped
 
 # Flags that define the run: resuming with a different value would be another run.
-RUN_DEFINING = ("config", "prediction", "init_from", "scale", "hr_size", "batch_size", "lr", "weight_decay", "warmup_steps", "ema_decay",
-                "loss", "seed", "grad_clip", "blur_sigma", "resampler", "schedule", "schedule_steps", "beta_start",
-                "beta_end", "sample_steps", "sample_beta_start", "sample_beta_end", "op_backend")
+RUN_DEFINING = ("config", "prediction", "init_from", "scale", "hr_size", "batch_size", "lr", "weight_decay",
+                "warmup_steps", "ema_decay", "loss", "seed", "grad_clip", "blur_sigma", "resampler", "schedule",
+                "schedule_steps", "beta_start", "beta_end", "sample_steps", "sample_beta_start", "sample_beta_end",
+                "op_backend")
 
 
 def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
