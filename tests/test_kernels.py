@@ -320,11 +320,18 @@ def hopper_report() -> None:
     for noise, seed_in_memory in ((1, False), (2, False), (2, True)):
         print(f"# posterior_step noise {'drawn' if noise == 2 else 'given'}, seed in memory {seed_in_memory}")
         build(ps._posterior_step_kernel,
-              dict(y_ptr=torch.float32, eps_ptr=torch.bfloat16, noise_ptr=torch.float32 if noise == 1 else None,
+              dict(y_ptr=torch.float32, pred_ptr=torch.bfloat16, noise_ptr=torch.float32 if noise == 1 else None,
                    out_ptr=torch.float32, seed_ptr=torch.int64 if seed_in_memory else None, seed=5, step=3,
                    numel=16 * 3 * 128 * 128, state_coef=1.0, output_coef=1.0, coef1=0.5,
                    coef2=0.5, sigma=0.1),
               dict(CLIP=True, NOISE=noise, SEED_IN_MEMORY=seed_in_memory, FAST_MATH=True, BLOCK=1024), 4)
+
+
+def test_every_compile_check_launch_names_exactly_its_kernels_arguments():
+    # The compile check binds arguments by name: a renamed kernel argument must fail here, on
+    # every machine, rather than only where the kernels are compiled.
+    for fn, args, constexprs, _, what in compile_check.launches(90):
+        assert set(args) | set(constexprs) == set(fn.arg_names), f"{fn.__name__} {what}"
 
 
 @pytest.mark.skipif(not (_NVIDIA_BIN / "cuobjdump").exists(), reason="this Triton build has no NVIDIA backend tools")
