@@ -51,10 +51,22 @@ def generator_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
+def _per_sample(noise_level: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Levels of shape (B,) shaped to broadcast over `like` (B, ...), in its dtype."""
+    return noise_level.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
 def q_sample(y0: torch.Tensor, noise_level: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """y~ = sqrt(gamma) y0 + sqrt(1 - gamma) eps, with noise_level = sqrt(gamma) of shape (B,)."""
-    level = noise_level.reshape(-1, *([1] * (y0.dim() - 1))).to(y0.dtype)
+    level = _per_sample(noise_level, y0)
     return level * y0 + torch.sqrt(1.0 - level * level) * noise
+
+
+def model_prediction(model: object) -> str:
+    """What `model`'s output estimates: its config's `prediction` (looking through a
+    DistributedDataParallel wrapper's `.module`), eps for a denoiser without one."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "prediction", "eps")
 
 
 def prediction_target(prediction: str, y0: torch.Tensor, noise: torch.Tensor,
@@ -65,7 +77,7 @@ def prediction_target(prediction: str, y0: torch.Tensor, noise: torch.Tensor,
     if prediction == "y0":
         return y0
     if prediction == "v":
-        level = noise_level.reshape(-1, *([1] * (y0.dim() - 1))).to(y0.dtype)
+        level = _per_sample(noise_level, y0)
         return level * noise - torch.sqrt(1.0 - level * level) * y0
     raise ValueError(f"prediction must be one of {PREDICTIONS}; got {prediction!r}")
 
@@ -139,11 +151,11 @@ def diffusion_loss(model: nn.Module, x_up: torch.Tensor, y0: torch.Tensor, sched
         raise ValueError(f"diffusion_loss: p must be 1 or 2; got {p!r}")
     if x_up.shape != y0.shape:
         raise ValueError(f"diffusion_loss: x_up {tuple(x_up.shape)} and y0 {tuple(y0.shape)} differ in shape")
-    config = getattr(getattr(model, "module", model), "config", None)
     if level_space is None:
+        config = getattr(getattr(model, "module", model), "config", None)
         level_space = getattr(config, "noise_level_input", "sqrt_gamma")
     if prediction is None:
-        prediction = getattr(config, "prediction", "eps")
+        prediction = model_prediction(model)
     levels = sample_noise_levels(schedule, y0.shape[0], generator=generator, device=y0.device, space=level_space)
     noise = randn(tuple(y0.shape), generator, y0.device, y0.dtype)
     y_noisy = q_sample(y0, levels, noise)

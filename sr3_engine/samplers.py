@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from . import ops
 from .config import PREDICTIONS, JsonConfig
-from .diffusion import q_sample, randn, y0_coefficients
+from .diffusion import model_prediction, q_sample, randn, y0_coefficients
 from .schedules import NoiseSchedule
 
 SIGMA_KINDS = ("posterior", "beta")
@@ -381,6 +381,6 @@ def sample(model: nn.Module | Denoiser, x_up: torch.Tensor, schedule: NoiseSched
     `config.prediction`, or eps for a denoiser without one. `backend` is the op backend of
     the posterior step."""
     if prediction is None:
-        prediction = getattr(getattr(model, "config", None), "prediction", "eps")
+        prediction = model_prediction(model)
     return sample_with(functools.partial(run_plan, model, backend=backend), x_up, schedule, config,
                        prediction=prediction, generator=generator, callback=callback)

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..config import PREDICTIONS, UNetConfig
-from ..diffusion import condition, output_image
+from ..diffusion import condition, model_prediction, output_image
 from ..io import has_alpha, pil_to_tensor, tensor_to_pil, to_rgb_or_rgba
 from ..resize import RESAMPLERS
 from ..samplers import SamplerConfig, StepCallback, make_plan, sample_with
@@ -40,8 +40,7 @@ ENGINE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _prediction_of(model: nn.Module, prediction: str | None) -> str:
-    config = getattr(model, "config", None)
-    own = config.prediction if isinstance(config, UNetConfig) else None
+    own = model_prediction(model) if isinstance(getattr(model, "config", None), UNetConfig) else None
     if prediction is not None and own is not None and prediction != own:
         raise ValueError(f"SR3Engine: prediction={prediction!r} but the model's config predicts {own!r}")
     chosen = prediction or own or "eps"

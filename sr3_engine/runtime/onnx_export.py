@@ -3,7 +3,8 @@
 The command around it is `python -m sr3_engine export` (cli/export.py); the onnxruntime and
 tensorrt engine backends export through `export_onnx` too. The graph is the denoiser alone,
 `(x_up, y_t, noise_level) -> output`, the output named after what it estimates (`eps`, `y0`
-or `v`: the model's `UNetConfig.prediction`, `output_name`): the sampling loop, its noise and its schedule stay in the
+or `v`: the model's `UNetConfig.prediction`, `output_name`): the sampling loop, its noise and
+its schedule stay in the
 engine, so one file serves every schedule, sampler and step count, and the same generator
 seed gives the same noise on every backend.
 
@@ -33,6 +34,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from ..diffusion import model_prediction
 from ..io import atomic_path
 from ..unet import GroupNormSiLU
 
@@ -112,8 +114,8 @@ def example_inputs(batch: int, height: int, width: int, dtype: torch.dtype, devi
 
 
 def output_name(model: nn.Module) -> str:
-    """The graph output's name: the model's prediction target (eps for a module without a config)."""
-    return getattr(getattr(model, "config", None), "prediction", "eps")
+    """The graph output's name: the model's prediction target (`diffusion.model_prediction`)."""
+    return model_prediction(model)
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,

@@ -106,7 +106,8 @@ class OnnxRuntimeBackend:
         for name, tensor in inputs.items():
             binding.bind_input(name, "cuda", index, _NUMPY_DTYPES[tensor.dtype], tuple(tensor.shape),
                                tensor.data_ptr())
-        binding.bind_output(self.output_name, "cuda", index, _NUMPY_DTYPES[eps.dtype], tuple(eps.shape), eps.data_ptr())
+        binding.bind_output(self.output_name, "cuda", index, _NUMPY_DTYPES[eps.dtype], tuple(eps.shape),
+                            eps.data_ptr())
         # The session runs on the engine's stream: after the work that made its inputs, before
         # the work that reads eps, both on torch's current stream.
         current = torch.cuda.current_stream(eps.device)
