@@ -32,9 +32,8 @@ spatial axis in both. Any other strides are first copied to NCHW.
 
 Limits: x float32, float16 or bfloat16 (weight, bias, pre_bias any float dtype, read as
 float32); C divisible by G with C/G <= 4096; C*H*W < 2**31 per sample. The backward pass is
-not a kernel: `sr3_engine.ops.group_norm_silu_backward` (shared with the cpp backend) recomputes the
-statistics and applies the analytic gradient in float32 PyTorch ops, so training through this
-op is exact but not fused.
+not a kernel here: `sr3_engine.ops.group_norm_silu_backward` (shared with the cpp backend)
+recomputes the statistics and runs PyTorch's own float32 GroupNorm and SiLU backward kernels.
 """
 
 import contextlib

@@ -6,8 +6,8 @@
   (`_C.has_cuda()`); x / y_t must be contiguous or channels_last (others go to `native` under
   `auto`, and a named `cpp` raises with that reason).
 - group_norm_silu is autograd-capable: the kernel computes the forward pass; the backward pass is
-  `register_autograd` of `sr3_engine.ops.group_norm_silu`, shared with the Triton op (analytic, float32, statistics
-  recomputed from the inputs). Higher-order gradients are not supported.
+  `register_autograd` of `sr3_engine.ops.group_norm_silu`, shared with the Triton op (float32, statistics
+  recomputed from the inputs, PyTorch's GroupNorm and SiLU backward kernels). Higher-order gradients are not supported.
 - posterior_step draws seeded noise inside the kernel with the Philox stream of csrc/philox.h
   (the Triton backend's stream), so no noise tensor is materialised. Its seed is an int argument:
   a seed tensor is read on the host first (`ops.dispatch`), so this op cannot serve a CUDA graph

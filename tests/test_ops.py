@@ -80,9 +80,10 @@ def test_group_norm_silu_reference_is_groupnorm_then_silu():
     torch.testing.assert_close(ops.group_norm_silu_ref(x, 4, weight, bias), expected)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("backend", ops.OP_BACKENDS)
-def test_group_norm_silu_gradients(backend):
-    x, weight, bias, pre_bias = _inputs(2, 16, 5, 3, torch.float32, False, seed=3)
+def test_group_norm_silu_gradients(backend, channels_last):
+    x, weight, bias, pre_bias = _inputs(2, 16, 5, 3, torch.float32, channels_last, seed=3)
     _require("group_norm_silu", backend, x)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias, pre_bias)]
     leaves64 = [t.double().requires_grad_() for t in (x, weight, bias, pre_bias)]
@@ -93,6 +94,23 @@ def test_group_norm_silu_gradients(backend):
     (ref * upstream.double()).sum().backward()
     for got, want in zip(leaves, leaves64):
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_group_norm_silu_gradients_without_affine_in_16_bit(backend, dtype):
+    # The backward runs in float32 and returns each gradient in its input's dtype.
+    x, _, _, pre_bias = _inputs(3, 8, 7, 5, dtype, True, seed=4)
+    _require("group_norm_silu", backend, x)
+    leaves = [t.clone().requires_grad_() for t in (x, pre_bias)]
+    leaves64 = [t.double().requires_grad_() for t in (x, pre_bias)]
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    out = ops.group_norm_silu(leaves[0], 2, pre_bias=leaves[1], backend=backend)
+    (out.float() * upstream).sum().backward()
+    (ops.group_norm_silu_ref(leaves64[0], 2, None, None, pre_bias=leaves64[1]) * upstream.double()).sum().backward()
+    for got, want in zip(leaves, leaves64):
+        assert got.grad.dtype == dtype
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=ATOL[dtype], atol=ATOL[dtype])
 
 
 @pytest.mark.parametrize("call, message", [

@@ -142,7 +142,7 @@ def test_killed_and_resumed_run_ends_bit_identical(images, tmp_path, workers):
     config = tmp_path / "tiny-dropout.json"
     config.write_text(json.dumps({**sr3.UNetConfig.named("tiny").to_dict(), "dropout": 0.1}))
     args = ["--data", str(images), *TINY, "--config", str(config), "--steps", "6", "--save-every", "3",
-            "--blur-sigma", "1.0", "--num-workers", str(workers)]
+            "--blur-sigma", "1.0", "--lr-decay-steps", "4", "--num-workers", str(workers)]
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     assert train.main([*args, "--out", str(reference)]) == 0
 
@@ -154,6 +154,16 @@ def test_killed_and_resumed_run_ends_bit_identical(images, tmp_path, workers):
     assert _load(resumed)["step"] == 6
     assert _states_equal(_load(reference), _load(resumed)) == []
     assert ([r["loss"] for r in _records(reference, "train")] == [r["loss"] for r in _records(resumed, "train")])
+
+
+def test_the_learning_rate_warms_up_then_follows_a_half_cosine_to_zero(images, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(["--data", str(images), "--out", str(out), "--steps", "7", *TINY, "--lr", "1e-3",
+                       "--lr-decay-steps", "4"]) == 0
+    # Step s (from 1) runs at lr * factor(s - 1): warm-up (k + 1) / 2 for k < 2, then
+    # (1 + cos(pi (k - 2) / 4)) / 2, which stays 0 after the decay ends.
+    expected = [0.5, 1.0, 1.0, (1 + np.cos(np.pi / 4)) / 2, 0.5, (1 + np.cos(3 * np.pi / 4)) / 2, 0.0]
+    np.testing.assert_allclose([r["lr"] for r in _records(out, "train")], 1e-3 * np.array(expected), atol=1e-12)
 
 
 def test_resume_extends_a_run_and_refuses_to_change_it(images, tmp_path, capsys):

@@ -1,6 +1,6 @@
 // Element types and float math for the CPU kernels, written so that GCC and Clang vectorise
 // the loops that use them (no calls into libm, no branches: only float/int arithmetic, selects
-// and bit casts).
+// of bits and bit casts).
 //
 // - Float16 / BFloat16 convert to float exactly; float converts back with round-to-nearest-even
 //   (NaN stays NaN, overflow gives infinity), the same results as c10::Half / c10::BFloat16.
@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 
 #include "../sr3_kernels.h"
@@ -32,6 +33,14 @@ inline uint32_t float_to_bits(float f) {
   return bits;
 }
 
+// cond ? a : b through a mask. A select whose operands are float results lets GCC move the
+// float operation under the condition, and under its default -ftrapping-math it will not
+// if-convert that again: the whole loop stays scalar (7x slower). A mask keeps both computed.
+inline uint32_t select_bits(bool cond, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(cond);
+  return (a & mask) | (b & ~mask);
+}
+
 struct Float32 {
   using Storage = float;
   static float load(float v) { return v; }
@@ -46,7 +55,7 @@ struct Float16 {
     const uint32_t two_w = w + w;
     const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
     const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
-    const uint32_t magnitude = two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized);
+    const uint32_t magnitude = select_bits(two_w < (1u << 27), float_to_bits(denormalized), float_to_bits(normalized));
     return bits_to_float(sign | magnitude);
   }
   static uint16_t store(float f) {
@@ -60,7 +69,7 @@ struct Float16 {
     base = bits_to_float((bias >> 1) + 0x07800000u) + base;
     const uint32_t bits = float_to_bits(base);
     const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-    return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+    return static_cast<uint16_t>((sign >> 16) | select_bits(shl1_w > 0xFF000000u, 0x7E00u, nonsign));
   }
 };
 
@@ -87,9 +96,9 @@ void dispatch_dtype(DType dtype, F&& f) {
 
 // exp(x) for x <= 0 (positive x are not supported).
 inline float exp_nonpositive(float x) {
-  // One clamp at the bottom only: GCC specialises the code for each clamped constant (a
-  // division per branch) when there are two.
-  x = x > -87.0f ? x : -87.0f;
+  // The clamp works on the bits (for x <= 0, a larger magnitude is a larger unsigned integer;
+  // NaN's is larger than any), for the reason select_bits gives.
+  x = -bits_to_float(std::min(float_to_bits(x) & 0x7FFFFFFFu, float_to_bits(87.0f)));
   // Adding 1.5 * 2^23 rounds x / ln 2 to the integer n and leaves n in the low mantissa bits,
   // so 2^n is built from those bits without a libm call or a float-to-int conversion.
   const float shifted = x * 1.44269504088896341f + 12582912.0f;
@@ -108,7 +117,8 @@ inline float exp_nonpositive(float x) {
 // e / (1 + e) below, so exp never overflows and one division serves both signs.
 inline float silu(float t) {
   const float e = exp_nonpositive(bits_to_float(float_to_bits(t) | 0x80000000u));
-  return (t >= 0.0f ? t : t * e) / (1.0f + e);
+  const float sigmoid_numerator = bits_to_float(select_bits(float_to_bits(t) >> 31, float_to_bits(e), float_to_bits(1.0f)));
+  return t * sigmoid_numerator / (1.0f + e);
 }
 
 }  // namespace sr3::cpu

@@ -43,7 +43,7 @@ from .common import EXIT_OK, EXIT_USAGE, UsageError, parse_device, print_error, 
 
 # Flags that define the run: resuming with a different value would be another run.
 RUN_DEFINING = ("config", "prediction", "init_from", "scale", "hr_size", "batch_size", "lr", "weight_decay",
-                "warmup_steps", "ema_decay", "loss", "seed", "grad_clip", "blur_sigma", "resampler", "schedule",
+                "warmup_steps", "lr_decay_steps", "ema_decay", "loss", "seed", "grad_clip", "blur_sigma", "resampler", "schedule",
                 "schedule_steps", "beta_start", "beta_end", "sample_steps", "sample_beta_start", "sample_beta_end",
                 "op_backend")
 
@@ -75,6 +75,8 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     add("--lr", 1e-4, type=float, help="AdamW learning rate after warm-up")
     add("--weight-decay", 0.0, type=float, help="AdamW decoupled weight decay")
     add("--warmup-steps", 10_000, type=int, help="linear learning-rate warm-up steps")
+    add("--lr-decay-steps", 0, type=int, help="after the warm-up, a half cosine from --lr to 0 over this many "
+        "steps (0: constant)")
     add("--ema-decay", 0.9999, type=float, help="EMA decay (ramped up as min(decay, (1+s)/(10+s)))")
     add("--loss", "l1", choices=("l1", "l2"), help="norm p of eq. 6")
     add("--grad-clip", 1.0, type=float, help="max global gradient norm; 0 disables clipping")
@@ -141,7 +143,7 @@ def model_config(value: str) -> UNetConfig:
 
 def check_args(args: argparse.Namespace, config: UNetConfig, device: torch.device) -> None:
     positive = ("scale", "hr_size", "batch_size", "log_every", "val_count", "schedule_steps", "sample_steps")
-    non_negative = ("steps", "warmup_steps", "grad_clip", "blur_sigma", "seed", "save_every", "val_every",
+    non_negative = ("steps", "warmup_steps", "lr_decay_steps", "grad_clip", "blur_sigma", "seed", "save_every", "val_every",
                     "weight_decay")
     for name in positive:
         if getattr(args, name) <= 0:

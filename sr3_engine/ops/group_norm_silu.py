@@ -82,33 +82,31 @@ def group_norm_silu_backward(grad: torch.Tensor, x: torch.Tensor, num_groups: in
                              needs: tuple[bool, bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
     """Gradients (x, weight, bias, pre_bias) of group_norm_silu, for the fused backends' autograd.
 
-    Analytic and in float32 whatever the input dtype, recomputing the statistics from the
-    inputs instead of saving them; `needs` says which of the four gradients to compute.
+    In float32 whatever the input dtype, on PyTorch's own GroupNorm and SiLU backward kernels:
+    the statistics and the pre-activation are recomputed by `native_group_norm` (one read of
+    x instead of keeping the activation), then `silu_backward` and `native_group_norm_backward`
+    run fused in C++ where a chain of elementwise tensor ops would cost a pass over memory
+    each. `needs` says which of the four gradients to compute.
     """
     batch, channels = x.shape[:2]
-    per_channel = (1, channels, 1, 1)
+    spatial = x[0, 0].numel()
+    layout = dispatch.dense_format(x)
     h = x.float()
     if pre_bias is not None:
         h = h + pre_bias.float().view(batch, channels, 1, 1)
-    grouped = h.reshape(batch, num_groups, -1)
-    var, mean = torch.var_mean(grouped, dim=-1, unbiased=False, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    x_hat = (grouped - mean) * rstd
-    scale = weight.float().view(per_channel) if weight is not None else 1.0
-    pre_act = x_hat.view(h.shape) * scale
-    if bias is not None:
-        pre_act = pre_act + bias.float().view(per_channel)
-    sig = torch.sigmoid(pre_act)
-    d_pre_act = grad.float() * sig * (1.0 + pre_act * (1.0 - sig))
-
-    d_x_hat = (d_pre_act * scale).reshape(grouped.shape)
-    d_h = rstd * (d_x_hat - d_x_hat.mean(-1, keepdim=True)
-                  - x_hat * (d_x_hat * x_hat).mean(-1, keepdim=True))
-    d_h = d_h.view(h.shape)
+    h = h.contiguous(memory_format=layout)
+    weight32 = weight.float() if weight is not None else None
+    bias32 = bias.float() if bias is not None else None
+    pre_act, mean, rstd = torch.ops.aten.native_group_norm(h, weight32, bias32, batch, channels, spatial,
+                                                           num_groups, eps)
+    d_pre_act = torch.ops.aten.silu_backward(grad.float().contiguous(memory_format=layout), pre_act)
+    d_h, d_weight, d_bias = torch.ops.aten.native_group_norm_backward(
+        d_pre_act, h, mean, rstd, weight32, batch, channels, spatial, num_groups,
+        [needs[0] or needs[3], needs[1] and weight is not None, needs[2] and bias is not None])
     d_x = d_h.to(x.dtype) if needs[0] else None
-    d_weight = (d_pre_act * x_hat.view(h.shape)).sum((0, 2, 3)).to(weight.dtype) if needs[1] else None
-    d_bias = d_pre_act.sum((0, 2, 3)).to(bias.dtype) if needs[2] else None
-    d_pre_bias = d_h.sum((2, 3)).to(pre_bias.dtype) if needs[3] else None
+    d_weight = d_weight.to(weight.dtype) if needs[1] and weight is not None else None
+    d_bias = d_bias.to(bias.dtype) if needs[2] and bias is not None else None
+    d_pre_bias = d_h.sum((2, 3)).to(pre_bias.dtype) if needs[3] and pre_bias is not None else None
     return d_x, d_weight, d_bias, d_pre_bias
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import dataclasses
 import hashlib
 import math
@@ -107,6 +108,18 @@ def amp_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | N
     return AMP_DTYPES.get(args.amp)
 
 
+def lr_factor(warmup_steps: int, decay_steps: int, step: int) -> float:
+    """The learning rate over --lr at optimiser step `step`: a linear warm-up, then constant or,
+    with decay steps, a half cosine from 1 to 0 over that many steps after the warm-up (ending a
+    fine-tuning run at a low rate lets the weights settle instead of hopping between minima)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not decay_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def build_run(args: argparse.Namespace, config: UNetConfig, procs: Processes,
               schedules: tuple[NoiseSchedule, NoiseSchedule], state: dict[str, Any] | None,
               initial_weights: dict[str, torch.Tensor] | None = None) -> Run:
@@ -121,12 +134,8 @@ def build_run(args: argparse.Namespace, config: UNetConfig, procs: Processes,
     model = model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    warmup = args.warmup_steps
-
-    def warmup_factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup) if warmup else 1.0
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, args.warmup_steps, args.lr_decay_steps))
     dtype = amp_dtype(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     train_schedule, inference_schedule = schedules
