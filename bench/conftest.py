@@ -87,33 +87,30 @@ def device_info(pytestconfig, device) -> harness.DeviceInfo:
 
 
 @pytest.fixture(scope="session")
-def problem(device) -> Problem:
-    return PROBLEMS[device.type]
-
-
-@pytest.fixture(scope="session")
 def rounds(pytestconfig) -> int:
     """Timed rounds of a whole-sampling benchmark (--benchmark-min-rounds; one warm-up round precedes them)."""
     return max(1, int(pytestconfig.getoption("benchmark_min_rounds")))
 
 
 @pytest.fixture(scope="session")
-def engines(pytestconfig, device, problem):
-    """variant id -> SR3Engine, built on first use; the reason string when the backend cannot run here."""
-    built: dict[str, sr3.SR3Engine | str] = {}
+def engines(pytestconfig, device):
+    """(problem, variant) -> SR3Engine, built on first use; skips with the reason when the backend
+    cannot run here."""
+    built: dict[tuple[str, str], sr3.SR3Engine | str] = {}
     compile_mode = pytestconfig.getoption("--compile-mode")
 
-    def get(variant: Variant) -> sr3.SR3Engine:
-        if variant.id not in built:
+    def get(variant: Variant, problem: Problem) -> sr3.SR3Engine:
+        key = (problem.config, variant.id)
+        if key not in built:
             if variant.backend == "compile" and compile_mode is not None:
                 options = tuple(option for option in variant.options if option[0] != "mode")
                 mode = () if compile_mode == "default" else (("mode", compile_mode),)
                 variant = dataclasses.replace(variant, options=options + mode)
             try:
-                built[variant.id] = harness.build_engine(variant, problem, device)
+                built[key] = harness.build_engine(variant, problem, device)
             except BackendUnavailableError as error:
-                built[variant.id] = str(error)
-        engine = built[variant.id]
+                built[key] = str(error)
+        engine = built[key]
         if isinstance(engine, str):
             pytest.skip(engine)
         return engine
@@ -125,9 +122,15 @@ def engines(pytestconfig, device, problem):
 
 
 def pytest_generate_tests(metafunc):
+    """End-to-end and per-step benchmarks run every (problem, variant, batch) the device's problems
+    name; the cases of the device's first problem keep the plain id `variant-batchN`, those of
+    the others are prefixed with the problem's model."""
     device = metafunc.config._sr3_device.type
-    if "variant" in metafunc.fixturenames:
-        variants = VARIANTS[device]
-        metafunc.parametrize("variant", variants, ids=[v.id for v in variants])
-    if "batch" in metafunc.fixturenames:
-        metafunc.parametrize("batch", PROBLEMS[device].batches, ids=lambda b: f"batch{b}")
+    if {"problem", "variant", "batch"} <= set(metafunc.fixturenames):
+        cases, ids = [], []
+        for index, problem in enumerate(PROBLEMS[device]):
+            for variant in filter(problem.measures, VARIANTS[device]):
+                for batch in problem.batches:
+                    cases.append((problem, variant, batch))
+                    ids.append(("" if index == 0 else f"{problem.config}-") + f"{variant.id}-batch{batch}")
+        metafunc.parametrize("problem, variant, batch", cases, ids=ids)

@@ -27,6 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import sr3_engine as sr3
+from sr3_engine.runtime import model_dir
 
 # (substring of torch.cuda.get_device_name(), dense bf16 TFLOP/s, memory TB/s, data sheet), first match wins.
 GPU_DATA_SHEETS = (
@@ -175,12 +176,19 @@ def describe(device: torch.device, peak_tflops: float | None = None, peak_gbps: 
     return DeviceInfo(device.type, name, flops, bandwidth, source, versions())
 
 
+def unet_config(name: str) -> sr3.UNetConfig:
+    """A named UNetConfig, or the config of the bundled model of that name."""
+    if name in sr3.NAMED_UNET_CONFIGS:
+        return sr3.UNetConfig.named(name)
+    return model_dir.read_spec(model_dir.resolve(name)).model
+
+
 @functools.lru_cache(maxsize=None)
 def flops_per_image(config_name: str, height: int, width: int) -> int:
     """FLOPs of one denoiser call on one image, counted by torch.utils.flop_counter on meta tensors
     (convolutions, attention matmuls and linears; the elementwise work is not counted)."""
     with torch.device("meta"):
-        model = sr3.SR3UNet(sr3.UNetConfig.named(config_name)).eval()
+        model = sr3.SR3UNet(unet_config(config_name)).eval()
         image = torch.zeros(1, 3, height, width)
         level = torch.zeros(1)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -233,22 +241,39 @@ class CallGraph:
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
+    """What an end-to-end row samples: `config` is a named UNetConfig (random weights, seeded) or a
+    bundled model's name (its weights); `variants` limits the engine variants measured on it
+    (variant ids; None: all of the device's)."""
+
     config: str
     lr_size: int
     scale: int
     batches: tuple[int, ...]
     steps: int = 100
+    variants: tuple[str, ...] | None = None
 
     @property
     def size(self) -> int:
         return self.lr_size * self.scale
 
+    def measures(self, variant: "Variant") -> bool:
+        return self.variants is None or variant.id in self.variants
 
-# Batch 16 on CUDA because the goals name it (fused >= 2.5x eager fp32 there).
+
+# Batch 16 on CUDA because the goals name it (fused >= 2.5x eager fp32 there). On the CPU the
+# tiny config shows the per-call overhead of each backend, and the bundled demo-x4 model at
+# 64x64 -> 256x256 what a user upscaling a photo runs; a few steps suffice there, since every
+# step costs the same, and bf16 only on the fused backend: without AVX-512 BF16 the eager and
+# compiled bf16 convolutions of that size take minutes.
 PROBLEMS = {
-    "cuda": Problem("sr3-16-128", lr_size=16, scale=8, batches=(1, 8, 16, 32)),
-    "cpu": Problem("tiny", lr_size=8, scale=4, batches=(1, 8, 32)),
+    "cuda": (Problem("sr3-16-128", lr_size=16, scale=8, batches=(1, 8, 16, 32)),),
+    "cpu": (Problem("tiny", lr_size=8, scale=4, batches=(1, 8, 32)),
+            Problem("demo-x4", lr_size=64, scale=4, batches=(1, 4), steps=4,
+                    variants=("eager-fp32", "compile-fp32", "fused-fp32", "fused-bf16", "onnxruntime-fp32"))),
 }
+# The training-step rows: (model, batch, HR crop side) of a demo-x4 training run on the CPU, of
+# sr3-16-128 on a GPU.
+TRAIN_PROBLEMS = {"cpu": ("demo-x4", 16, 64), "cuda": ("sr3-16-128", 16, 128)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,12 +315,18 @@ VARIANTS = {
 
 
 def build_engine(variant: Variant, problem: Problem, device: torch.device) -> sr3.SR3Engine:
-    """The engine a benchmark runs: a seeded random-weight model of `problem.config` (speed does
-    not depend on the weights), the default 100-step ancestral plan, no progress bar."""
-    torch.manual_seed(0)
-    model = sr3.SR3UNet(sr3.UNetConfig.named(problem.config))
-    return sr3.SR3Engine(model, scale=problem.scale, backend=variant.backend, device=device, dtype=variant.dtype,
-                         progress=False, backend_options=dict(variant.options))
+    """The engine a benchmark runs: a seeded random-weight model of a named config (speed does
+    not depend on the weights) or the bundled model with its schedule, the default ancestral
+    plan, no progress bar."""
+    if problem.config in sr3.NAMED_UNET_CONFIGS:
+        torch.manual_seed(0)
+        model, schedule, resampler = sr3.SR3UNet(sr3.UNetConfig.named(problem.config)), None, "bicubic"
+    else:
+        model, spec = model_dir.load(problem.config)
+        schedule, resampler = sr3.NoiseSchedule.from_config(spec.schedule), spec.resampler
+    return sr3.SR3Engine(model, schedule, scale=problem.scale, backend=variant.backend, device=device,
+                         dtype=variant.dtype, progress=False, resampler=resampler,
+                         backend_options=dict(variant.options))
 
 
 def variant_named(device: torch.device, name: str) -> Variant:

@@ -1,4 +1,4 @@
-"""`python -m bench.profile [--variant fused-bf16] [--batch 8]`: where one `engine.sample` spends its time.
+"""`python -m bench.profile [--variant fused-bf16] [--batch 8] [--problem demo-x4]`: where one `engine.sample` spends its time.
 
 Builds the engine exactly as the benchmark suite does (same problem, same variant), runs one
 warm-up sample, then profiles one more with torch.profiler and prints a Markdown table of the
@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--variant", default="fused-bf16", help="an engine variant of the suite, e.g. eager-fp32")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the suite's 100)")
+    parser.add_argument("--problem", default=None,
+                        help="the model of one of the suite's problems on this device (default: the first)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the problem's)")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args(argv)
     try:
@@ -47,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         variant = variant_named(device, args.variant)
     except ValueError as error:
         parser.error(str(error))
-    problem = PROBLEMS[device.type]
+    problems = {problem.config: problem for problem in PROBLEMS[device.type]}
+    problem = problems.get(args.problem or PROBLEMS[device.type][0].config)
+    if problem is None:
+        parser.error(f"--problem {args.problem!r}: the suite's problems on {device.type} are {list(problems)}")
     steps = args.steps or problem.steps
     engine = build_engine(variant, problem, device)
     lr = torch.rand(args.batch, 3, problem.lr_size, problem.lr_size, generator=torch.Generator().manual_seed(0))

@@ -2,9 +2,11 @@
 
 Writes one section per run (device and date) into RESULTS.md: the device, peaks, versions
 and command; the goals of the fused backend checked against the run; end-to-end images/s,
-speed-up over eager fp32 and bf16 roofline fraction per engine backend and batch; per-step
-latency; per-op time, GB/s and bandwidth fraction with the speed-up over native; and what
-was skipped and why. A bar chart (images/s and speed-up per batch) goes next to it as a PNG.
+speed-up over eager fp32 and bf16 roofline fraction per engine backend and batch, and per-step
+latency, for each problem (model and image size) the run measured; training steps per op
+backend; per-op time, GB/s and bandwidth fraction with the speed-up over native; and what
+was skipped and why. A bar chart (images/s and speed-up per batch, a row per problem) goes
+next to it as a PNG.
 
 Several JSON files of one device are merged (a GPU suite can be run in parts). A section
 with the same device and date is replaced; every other section (earlier runs, other
@@ -44,6 +46,7 @@ KIND_FIELDS = {
                "images_per_s", "roofline_fraction"),
     "step": ("variant", "backend", "batch", "steps", "config", "height", "width", "flops_per_step"),
     "op": ("case", "backend", "gbps", "bandwidth_fraction"),
+    "train": ("op_backend", "config", "batch", "height", "width", "images_per_s"),
 }
 
 
@@ -214,15 +217,27 @@ def images_per_s(row: dict) -> str:
     return f"{fmt(row['images_per_s'])} ±{100 * row['iqr'] / row['median'] / 2:.0f}%"
 
 
+def by_problem(rows: list[dict]) -> list[list[dict]]:
+    """The rows of each problem (model, image size, steps), problems in the order they were measured."""
+    problems: dict[tuple, list[dict]] = {}
+    for row in rows:
+        problems.setdefault((row["config"], row["height"], row["width"], row["steps"]), []).append(row)
+    return list(problems.values())
+
+
+def problem_title(row: dict) -> str:
+    return f"{row['config']} at {row['height']}x{row['width']}"
+
+
 def end_to_end_tables(run: Run) -> list[str]:
-    rows = run.rows_of("sample")
-    if not rows:
-        return []
+    return [line for rows in by_problem(run.rows_of("sample")) for line in _end_to_end_tables(rows)]
+
+
+def _end_to_end_tables(rows: list[dict]) -> list[str]:
     variants, batches, cells = _by_variant_and_batch(rows)
     first = rows[0]
-    lines = [f"#### End to end: `engine.sample`, {first['config']} at {first['height']}x{first['width']}, "
-             f"{first['steps']} steps", "", "Images/s (higher is better; ± half the interquartile range of the "
-             "rounds, relative):", ""]
+    lines = [f"#### End to end: `engine.sample`, {problem_title(first)}, {first['steps']} steps", "",
+             "Images/s (higher is better; ± half the interquartile range of the rounds, relative):", ""]
     lines += _grid(variants, batches, cells, lambda row, v, b: images_per_s(row))
     pairing = (f"each timed round of a backend followed a round of {BASELINE}, and the ratio is to those paired "
                "rounds" if all_paired(rows) else f"over {BASELINE}'s rounds paired with the row's where it has "
@@ -236,14 +251,28 @@ def end_to_end_tables(run: Run) -> list[str]:
 
 
 def step_table(run: Run) -> list[str]:
-    rows = run.rows_of("step")
+    lines = []
+    for rows in by_problem(run.rows_of("step")):
+        variants, batches, cells = _by_variant_and_batch(rows)
+        lines += [f"#### Per step, {problem_title(rows[0])}: one denoiser call and posterior update, ms "
+                  f"(speed-up over {BASELINE}, unpaired)", ""]
+        lines += _grid(variants, batches, cells,
+                       lambda row, v, b: f"{fmt(row['median'] * 1e3)} ({ratio(speedup(cells, v, b))})")
+        lines.append("")
+    return lines
+
+
+def train_table(run: Run) -> list[str]:
+    rows = run.rows_of("train")
     if not rows:
         return []
-    variants, batches, cells = _by_variant_and_batch(rows)
-    lines = [f"#### Per step: one denoiser call and posterior update, ms (speed-up over {BASELINE}, unpaired)", ""]
-    lines += _grid(variants, batches, cells,
-                   lambda row, v, b: f"{fmt(row['median'] * 1e3)} ({ratio(speedup(cells, v, b))})")
-    return lines + [""]
+    native = next((row for row in rows if row["op_backend"] == "native"), None)
+    first = rows[0]
+    table_rows = [[row["op_backend"], fmt(row["median"]), fmt(row["images_per_s"]),
+                   ratio(native["median"] / row["median"]) if native else "-"] for row in rows]
+    return [f"#### Training step: {first['config']}, batch {first['batch']} of {first['height']}x{first['width']} "
+            "crops, forward + backward + AdamW, float32 (unpaired)", "",
+            *_table(["GroupNorm+SiLU op backend", "s/step", "images/s", "speed-up over native"], table_rows), ""]
 
 
 def per_call(row: dict) -> float:
@@ -278,7 +307,8 @@ def op_table(run: Run) -> list[str]:
 
 
 def goals_table(run: Run) -> list[str]:
-    rows = run.rows_of("sample")
+    problems = by_problem(run.rows_of("sample"))
+    rows = problems[0] if problems else []  # the goals are about the device's first problem
     fused = sorted({r["variant"] for r in rows if r["backend"] == "fused"})
     if not fused:
         return []
@@ -348,6 +378,7 @@ def section(run: Run, chart_name: str | None) -> str:
         *end_to_end_tables(run),
         *([f"![images/s and speed-up per batch]({chart_name})", ""] if chart_name else []),
         *step_table(run),
+        *train_table(run),
         *op_table(run),
         *skipped_lines(run),
         "<!-- /bench-run -->",
@@ -356,32 +387,33 @@ def section(run: Run, chart_name: str | None) -> str:
 
 
 def chart(run: Run, path: Path) -> bool:
-    """A grouped bar chart of end-to-end images/s and speed-up per batch; False when there is nothing to plot."""
-    rows = run.rows_of("sample")
-    if not rows:
+    """Grouped bar charts of end-to-end images/s and speed-up per batch, one row per problem; False
+    when there is nothing to plot."""
+    problems = by_problem(run.rows_of("sample"))
+    if not problems:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants, batches, cells = _by_variant_and_batch(rows)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.8 / len(variants)
-    for i, variant in enumerate(variants):
-        xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(batches))]
-        left.bar(xs, [cells[(variant, b)]["images_per_s"] if (variant, b) in cells else 0 for b in batches],
-                 width, label=variant)
-        right.bar(xs, [speedup(cells, variant, b) or 0 for b in batches], width, label=variant)
-    for axis, title in ((left, "images/s (log scale)"), (right, f"speed-up over {BASELINE}")):
-        axis.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
-        axis.set_title(title)
-    left.set_yscale("log")
-    right.axhline(1.0, color="black", linewidth=0.8)
-    right.legend(fontsize=8, ncol=2)
-    first = rows[0]
-    figure.suptitle(f"engine.sample, {first['config']} {first['height']}x{first['width']}, {first['steps']} steps "
-                    f"- {run.device_name}, {run.date}")
+    figure, axes = plt.subplots(len(problems), 2, figsize=(12, 4.5 * len(problems)), squeeze=False)
+    for rows, (left, right) in zip(problems, axes):
+        variants, batches, cells = _by_variant_and_batch(rows)
+        width = 0.8 / len(variants)
+        for i, variant in enumerate(variants):
+            xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(batches))]
+            left.bar(xs, [cells[(variant, b)]["images_per_s"] if (variant, b) in cells else 0 for b in batches],
+                     width, label=variant)
+            right.bar(xs, [speedup(cells, variant, b) or 0 for b in batches], width, label=variant)
+        first = rows[0]
+        for axis, title in ((left, "images/s (log scale)"), (right, f"speed-up over {BASELINE}")):
+            axis.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+            axis.set_title(f"{problem_title(first)}, {first['steps']} steps: {title}")
+        left.set_yscale("log")
+        right.axhline(1.0, color="black", linewidth=0.8)
+        right.legend(fontsize=8, ncol=2)
+    figure.suptitle(f"engine.sample - {run.device_name}, {run.date}")
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=100, format="png")

@@ -40,7 +40,7 @@ def _fields(variant, problem, batch, seconds, steps, device_info):
 
 
 def test_sample(benchmark, engines, clock, device, device_info, problem, rounds, variant, batch):
-    engine = engines(variant)
+    engine = engines(variant, problem)
     lr = _inputs(device, problem, batch)
 
     def sample_on(chosen):
@@ -48,7 +48,7 @@ def test_sample(benchmark, engines, clock, device, device_info, problem, rounds,
 
     # Each round of a backend follows one round of the baseline, timed by the same clock, so that
     # the speed-up compares runs made under the same machine conditions (shared machines drift).
-    baseline = engines(BASELINE) if variant != BASELINE else None
+    baseline = engines(BASELINE, problem) if variant != BASELINE else None
     baseline_seconds: list[float] = []
 
     def run_baseline() -> None:
@@ -74,7 +74,7 @@ def test_sample(benchmark, engines, clock, device, device_info, problem, rounds,
 
 
 def test_step(benchmark, engines, device, device_info, problem, variant, batch):
-    engine = engines(variant)
+    engine = engines(variant, problem)
     full = make_plan(engine.schedule.respaced(problem.steps), engine.sampler)
     middle = full.num_steps // 2
     one_step = full.window(middle, middle + 1)

@@ -180,6 +180,29 @@ def test_report_tables_hold_the_runs_ratios(tmp_path, results):
         assert image.format == "PNG" and image.width > 500
 
 
+def test_each_problem_gets_its_tables_and_training_steps_their_own(tmp_path, results):
+    document = _document()
+    # A second problem measured in the same run: its rows must not mix with the first one's.
+    for batch, (eager, fused) in zip((1, 4), ((8.0, 2.0), (30.0, 6.0))):
+        for variant, median in (("eager-fp32", eager), ("fused-fp32", fused)):
+            fields = dict(variant=variant, backend=variant.split("-")[0], dtype="fp32", batch=batch, steps=4,
+                          config="demo-x4", height=256, width=256, flops_per_step=batch * 1e9)
+            document["benchmarks"].append(_bench(f"test_sample[demo-x4-{variant}-batch{batch}]", "sample", median,
+                                                 kind="sample", images_per_s=batch / median, roofline_fraction=0.1,
+                                                 ms_per_step=median * 250, **fields))
+    for backend, median in (("native", 2.0), ("cpp", 1.6)):
+        document["benchmarks"].append(_bench(f"test_train_step[{backend}]", "train", median, kind="train",
+                                             op_backend=backend, config="demo-x4", batch=16, height=64, width=64,
+                                             images_per_s=16 / median))
+    assert report.main([str(_write(tmp_path, document)), "--results", str(results)]) == 0
+    section = _run_section(results.read_text(), "NVIDIA H100 80GB HBM3 | 2026-11-24")
+    assert "#### End to end: `engine.sample`, sr3-16-128 at 128x128, 100 steps" in section
+    demo = section[section.index("#### End to end: `engine.sample`, demo-x4 at 256x256, 4 steps"):]
+    assert "| fused-fp32 | 4.00x | 5.00x |" in demo and "batch 16" not in demo.split("####")[1]
+    assert "| fused-bf16 vs eager-fp32, batch 1 | >= 4x | 5.00x |" in section  # goals: the first problem's
+    assert "| cpp | 1.60 | 10.0 | 1.25x |" in section
+
+
 def test_a_rerun_replaces_its_section_and_keeps_earlier_dates(tmp_path, results):
     report.main([str(_write(tmp_path, _document("2026-11-20T09:00:00"))), "--results", str(results)])
     report.main([str(_write(tmp_path, _document("2026-11-24T09:00:00"))), "--results", str(results)])
@@ -225,7 +248,7 @@ def test_the_benchmark_suite_still_runs(tmp_path):
     # Timing disabled: every kind of row runs once on the CPU, which catches a broken suite early.
     rows = ["test_group_norm_silu[1x512x8x8-nchw-fp32-native]", "test_posterior_step[1x3x128x128-seeded-cpp]",
             "test_sample[eager-fp32-batch1]", "test_sample[fused-fp32-batch1]", "test_step[eager-fp32-batch1]",
-            "test_step[fused-fp32-batch1]"]
+            "test_step[fused-fp32-batch1]", "test_sample[demo-x4-fused-fp32-batch1]", "test_train_step[cpp]"]
     report_xml = tmp_path / "bench.xml"
     env = {**os.environ, "TRITON_INTERPRET": "0"}  # as make bench runs it, not as make test runs the tests
     # Peaks given, since nothing is timed: measuring them is a minute-long bf16 matmul on some CPUs.
