@@ -156,6 +156,34 @@ def test_killed_and_resumed_run_ends_bit_identical(images, tmp_path, workers):
     assert ([r["loss"] for r in _records(reference, "train")] == [r["loss"] for r in _records(resumed, "train")])
 
 
+def test_auto_trains_on_the_fastest_measured_op_backend_and_resumes_on_it(images, tmp_path, monkeypatch, capsys):
+    from sr3_engine.training import trainer
+
+    measured = {"cpp": 2.0, "native": 1.5}
+    monkeypatch.setattr(trainer, "time_training_pass", lambda args, model, schedule, device, backend: measured[backend])
+    out = tmp_path / "run"
+    assert train.main(["--data", str(images), "--out", str(out), "--steps", "2", *TINY]) == 0
+    assert "--op-backend auto picked native (a training pass took cpp 2 s, native 1.5 s)" in capsys.readouterr().err
+    assert _load(out)["args"]["op_backend_used"] == "native"
+    measured.update(native=3.0)  # a resume keeps the recorded pick whatever it would measure now
+    assert train.main(["--out", str(out), "--resume", "--steps", "3"]) == 0
+    assert _load(out)["args"]["op_backend_used"] == "native" and "picked" not in capsys.readouterr().err
+
+
+def test_a_training_pass_is_timed_without_touching_the_run(images):
+    from sr3_engine.training import trainer
+
+    torch.manual_seed(3)
+    model = sr3.SR3UNet(sr3.UNetConfig.named("tiny"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = train.build_parser().parse_args(["--out", "unused", *TINY])
+    rng = torch.get_rng_state()
+    seconds = trainer.time_training_pass(args, model, sr3.NoiseSchedule.linear(20), torch.device("cpu"), "native")
+    assert seconds > 0 and torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_the_learning_rate_warms_up_then_follows_a_half_cosine_to_zero(images, tmp_path):
     out = tmp_path / "run"
     assert train.main(["--data", str(images), "--out", str(out), "--steps", "7", *TINY, "--lr", "1e-3",

@@ -86,8 +86,8 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     add("--seed", 0, type=int, help="seeds every random choice of the run")
     add("--amp", "auto", choices=("auto", "none", "bf16", "fp16"), help="CUDA autocast (auto: bf16 on CUDA)")
     add("--op-backend", "auto", choices=("auto",) + OP_BACKENDS,
-        help="GroupNorm+SiLU kernels of the training network (native: PyTorch's ops, whose backward "
-        "is the faster one on the CPU today)")
+        help="GroupNorm+SiLU kernels of the training network (auto: of those `auto` would use here, the one "
+        "whose training pass is fastest, measured at the start and kept on resume)")
     add("--device", "auto", help="cpu, cuda, cuda:N (auto: cuda when available; torchrun: cuda:LOCAL_RANK)")
     add("--num-workers", None, type=int, help="DataLoader workers per process (default: 0 on CPU, up to 4 on CUDA)")
     add("--save-every", 5000, type=int, help="checkpoint every N steps (and at the end); 0 = only at the end")

@@ -115,6 +115,11 @@ def implementation(op: str, backend: str, x: torch.Tensor) -> Implementation:
     return _REGISTRY[op][resolve_backend(op, backend, x)]
 
 
+def auto_candidates(op: str, x: torch.Tensor) -> list[str]:
+    """The backends `auto` chooses among for tensors like `x`, in its order of preference."""
+    return [b for b in _AUTO_ORDER.get(x.device.type, ("native",)) if why_unavailable(op, b, x) is None]
+
+
 def available_backends(op: str, x: torch.Tensor) -> list[str]:
     return [b for b in OP_BACKENDS if why_unavailable(op, b, x) is None]
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import functools
 import dataclasses
+import functools
 import hashlib
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,7 +33,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .. import metrics
+from .. import metrics, ops
 from ..config import UNetConfig
 from ..diffusion import condition, diffusion_loss, output_image
 from ..runtime import model_dir
@@ -130,8 +131,11 @@ def build_run(args: argparse.Namespace, config: UNetConfig, procs: Processes,
     model = SR3UNet(config)
     if initial_weights is not None:
         model.load_state_dict(initial_weights)
-    set_op_backend(model, args.op_backend)
     model = model.to(device)
+    if "op_backend_used" not in vars(args):
+        # A resumed run saved before the pick was recorded trained with the ops' own `auto`.
+        args.op_backend_used = "auto" if state is not None else training_op_backend(args, model, schedules[0], procs)
+    set_op_backend(model, args.op_backend_used)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -146,6 +150,50 @@ def build_run(args: argparse.Namespace, config: UNetConfig, procs: Processes,
     if procs.world_size > 1:
         run.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return run
+
+
+def training_op_backend(args: argparse.Namespace, model: SR3UNet, schedule: NoiseSchedule,
+                        procs: Processes) -> str:
+    """The GroupNorm+SiLU op backend a new run trains with: the one --op-backend names, or for
+    `auto` the candidate of the ops' `auto` whose training pass (loss, forward and backward, on
+    a batch of the run's shape) is fastest here, measured once at the start: on the CPU the
+    fused forward wins and PyTorch's own backward may not, so the order alone cannot say.
+    Every rank uses rank 0's pick, and the run records it so that a resume trains the same."""
+    if args.op_backend != "auto":
+        return args.op_backend
+    device = procs.device
+    candidates = ops.auto_candidates("group_norm_silu", torch.empty(1, 8, 1, 1, device=device))
+    seconds = {backend: time_training_pass(args, model, schedule, device, backend) for backend in candidates}
+    pick = [min(seconds, key=seconds.get)]
+    if procs.world_size > 1:
+        dist.broadcast_object_list(pick, src=0)
+    if procs.is_main:
+        timings = ", ".join(f"{backend} {value:.3g} s" for backend, value in seconds.items())
+        print(f"sr3_engine: --op-backend auto picked {pick[0]} (a training pass took {timings})", file=sys.stderr)
+    return pick[0]
+
+
+def time_training_pass(args: argparse.Namespace, model: SR3UNet, schedule: NoiseSchedule, device: torch.device,
+                       backend: str, repeats: int = 2) -> float:
+    """Best seconds of `repeats` forward+backward passes of the loss through `model` on `backend`,
+    after one warm-up; the gradients are dropped and every random state is left as it was."""
+    dtype = amp_dtype(args, device)
+    generator = torch.Generator(device).manual_seed(0)
+    y0 = torch.rand(args.batch_size, 3, args.hr_size, args.hr_size, device=device, generator=generator) * 2 - 1
+    set_op_backend(model, backend)
+    best = float("inf")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for repeat in range(repeats + 1):
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = diffusion_loss(model, y0, y0, schedule, 1 if args.loss == "l1" else 2, generator=generator)
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if repeat:
+                best = min(best, time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return best
 
 
 def restore(run: Run, state: dict[str, Any]) -> None:
