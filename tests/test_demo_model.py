@@ -1,7 +1,9 @@
 """The bundled demo-x4 model and the demo command."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import sr3_engine as sr3
 from sr3_engine.cli import demo
@@ -43,3 +45,12 @@ def test_demo_writes_the_output_and_the_sheet(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert (tmp_path / "chelsea-sr3.png").is_file() and (tmp_path / "chelsea-sheet.png").is_file()
     assert "chelsea-sheet.png" in printed and "sampling took" in printed and "detail SR3" in printed
+
+
+def test_the_demo_on_the_fused_backend_draws_the_eager_backends_image(tmp_path, capsys):
+    # fused is the demo's default; on the CPU it takes its noise from the generator as eager does.
+    for backend in ("eager", "fused"):
+        assert demo.main(["--out", str(tmp_path / backend), "--steps", "4", "--backend", backend]) == 0
+        assert f"{backend} backend" in capsys.readouterr().out
+    eager, fused = (np.asarray(Image.open(tmp_path / b / "chelsea-sr3.png"), dtype=np.int16) for b in ("eager", "fused"))
+    assert np.abs(eager - fused).max() <= 1

@@ -19,6 +19,7 @@ import torch
 
 from .. import metrics, resize
 from ..io import load_image, one_line, pil_to_tensor, save_png, tensor_to_pil
+from ..runtime.backends import ENGINE_BACKENDS, BackendUnavailableError
 from ..runtime.engine import SR3Engine
 from ..runtime.model_dir import ASSETS_DIR
 from ..samplers import make_plan
@@ -35,20 +36,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out/demo"))
     parser.add_argument("--steps", type=int, default=None, help="default: the model's tuned schedule")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", choices=ENGINE_BACKENDS, default="fused",
+                        help="engine backend (fused: the fastest on a CPU too, see bench/RESULTS.md)")
     add_device_argument(parser, default="cpu")
     args = parser.parse_args(argv)
 
     try:
-        engine = SR3Engine.from_pretrained(args.model, device=parse_device(args.device))
+        engine = SR3Engine.from_pretrained(args.model, device=parse_device(args.device), backend=args.backend)
         schedule = engine.schedule_for(args.steps)
-    except (OSError, ValueError, UsageError) as error:
+    except (OSError, ValueError, UsageError, BackendUnavailableError) as error:
         print_error(one_line(error))
         return EXIT_USAGE
     lr = pil_to_tensor(load_image(PHOTO_LR))[None]
     hr = pil_to_tensor(load_image(PHOTO_HR))[None]
     steps = make_plan(schedule, engine.sampler, engine.prediction).num_steps
     print(f"upscaling {PHOTO_LR.name} {lr.shape[-1]}x{lr.shape[-2]} -> x{engine.scale} with {args.model} "
-          f"({engine.sampler.name}, {steps} denoising steps, strength {engine.sampler.strength}, {args.device})")
+          f"({engine.sampler.name}, {steps} denoising steps, strength {engine.sampler.strength}, {args.device}, "
+          f"{args.backend} backend)")
     started = time.perf_counter()
     sr = engine.sample(lr, generator=torch.Generator().manual_seed(args.seed), schedule=schedule).cpu()
     seconds = time.perf_counter() - started

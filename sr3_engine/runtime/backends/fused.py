@@ -98,7 +98,7 @@ class FusedBackend:
         else:
             probe = torch.empty(1, 8, 1, 1, device=device, dtype=dtype)
             self.op_backend = op_backend
-            logger.warning("engine backend 'fused' on %s: no CUDA graphs; GroupNorm+SiLU runs on %s, the posterior "
+            logger.info("engine backend 'fused' on %s: no CUDA graphs; GroupNorm+SiLU runs on %s, the posterior "
                            "step on %s", device.type, ops.resolve_backend("group_norm_silu", op_backend, probe),
                            ops.resolve_backend("posterior_step", op_backend, probe))
         self.model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
