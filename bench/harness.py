@@ -314,16 +314,21 @@ VARIANTS = {
 }
 
 
+def load_model(name: str) -> tuple[sr3.SR3UNet, model_dir.ModelSpec | None]:
+    """A seeded random-weight model of a named config (no spec), or a bundled model and its spec."""
+    if name in sr3.NAMED_UNET_CONFIGS:
+        torch.manual_seed(0)
+        return sr3.SR3UNet(sr3.UNetConfig.named(name)), None
+    return model_dir.load(name)
+
+
 def build_engine(variant: Variant, problem: Problem, device: torch.device) -> sr3.SR3Engine:
     """The engine a benchmark runs: a seeded random-weight model of a named config (speed does
     not depend on the weights) or the bundled model with its schedule, the default ancestral
     plan, no progress bar."""
-    if problem.config in sr3.NAMED_UNET_CONFIGS:
-        torch.manual_seed(0)
-        model, schedule, resampler = sr3.SR3UNet(sr3.UNetConfig.named(problem.config)), None, "bicubic"
-    else:
-        model, spec = model_dir.load(problem.config)
-        schedule, resampler = sr3.NoiseSchedule.from_config(spec.schedule), spec.resampler
+    model, spec = load_model(problem.config)
+    schedule = sr3.NoiseSchedule.from_config(spec.schedule) if spec is not None else None
+    resampler = spec.resampler if spec is not None else "bicubic"
     return sr3.SR3Engine(model, schedule, scale=problem.scale, backend=variant.backend, device=device,
                          dtype=variant.dtype, progress=False, resampler=resampler,
                          backend_options=dict(variant.options))

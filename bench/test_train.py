@@ -18,26 +18,18 @@ import torch
 import sr3_engine as sr3
 from sr3_engine import ops
 from sr3_engine.diffusion import condition, diffusion_loss
-from sr3_engine.runtime import model_dir
 from sr3_engine.training.data import make_lr
 from sr3_engine.unet import set_op_backend
 
-from .harness import TRAIN_PROBLEMS, median_seconds, record
+from .harness import TRAIN_PROBLEMS, load_model, median_seconds, record
 
 SCALE = 4
-
-
-def _model(name: str) -> sr3.SR3UNet:
-    if name in sr3.NAMED_UNET_CONFIGS:
-        torch.manual_seed(0)
-        return sr3.SR3UNet(sr3.UNetConfig.named(name))
-    return model_dir.load(name)[0]
 
 
 @pytest.mark.parametrize("op_backend", ops.OP_BACKENDS)
 def test_train_step(benchmark, device, device_info, op_backend):
     name, batch, size = TRAIN_PROBLEMS[device.type]
-    model = _model(name).to(device).train()
+    model = load_model(name)[0].to(device).train()
     probe = torch.empty(1, 8, 1, 1, device=device)
     reason = ops.why_unavailable("group_norm_silu", op_backend, probe)
     if reason is not None:
