@@ -14,8 +14,9 @@
 // which keeps full precision even when the mean is far from zero. Partials are summed in chunk
 // order in double; the lane-wise sums inside a chunk piece are float (at most 16 values each).
 // NCHW with at least two (batch, group) tasks per thread runs group by group, which reads each
-// group the second time from cache; otherwise both sweeps run over all chunks in parallel, so a
-// single image with few groups still keeps every thread busy.
+// group the second time from cache; otherwise (channels_last, or few groups) it runs image by
+// image, both sweeps over that image's chunks in parallel, so a single image with few groups
+// still keeps every thread busy and the second sweep finds what the cache kept of the first.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -67,20 +68,20 @@ class GroupNormSilu {
       }
       return;
     }
-    const int64_t units = (a_.channels_last ? a_.batch : groups) * chunks_;
+    const int64_t units = (a_.channels_last ? 1 : a_.groups) * chunks_;
 #pragma omp parallel num_threads(threads) if (parallel)
-    {
+    for (int64_t b = 0; b < a_.batch; ++b) {
 #pragma omp for schedule(static)
       for (int64_t u = 0; u < units; ++u) {
-        if (a_.channels_last) partial_nhwc(u / chunks_, u % chunks_);
-        else partial_nchw(u / chunks_, u % chunks_);
+        if (a_.channels_last) partial_nhwc(b, u);
+        else partial_nchw(b * a_.groups + u / chunks_, u % chunks_);
       }
 #pragma omp for schedule(static)
-      for (int64_t bg = 0; bg < groups; ++bg) finalize(bg);
+      for (int64_t g = 0; g < a_.groups; ++g) finalize(b * a_.groups + g);
 #pragma omp for schedule(static)
       for (int64_t u = 0; u < units; ++u) {
-        if (a_.channels_last) apply_nhwc(u / chunks_, u % chunks_);
-        else apply_nchw(u / chunks_, u % chunks_);
+        if (a_.channels_last) apply_nhwc(b, u);
+        else apply_nchw(b * a_.groups + u / chunks_, u % chunks_);
       }
     }
   }
