@@ -99,15 +99,15 @@ def resolve_backend(op: str, backend: str, x: torch.Tensor) -> str:
         if reason is not None:
             raise RuntimeError(f"{op}: backend {backend!r} cannot run on {x.device.type} {x.dtype}: {reason}")
         return backend
-    for candidate in _AUTO_ORDER.get(x.device.type, ("native",)):
-        if why_unavailable(op, candidate, x) is None:
-            key = (op, x.device.type, candidate)
-            # Logging inside a torch.compile trace is a graph break; the eager call logs it.
-            if key not in _logged_auto_choices and not torch.compiler.is_compiling():
-                _logged_auto_choices.add(key)
-                logger.info("%s on %s: auto picked the %s backend", op, x.device.type, candidate)
-            return candidate
-    raise RuntimeError(f"{op}: no backend can run on {x.device.type} {x.dtype}")
+    candidates = auto_candidates(op, x)
+    if not candidates:
+        raise RuntimeError(f"{op}: no backend can run on {x.device.type} {x.dtype}")
+    key = (op, x.device.type, candidates[0])
+    # Logging inside a torch.compile trace is a graph break; the eager call logs it.
+    if key not in _logged_auto_choices and not torch.compiler.is_compiling():
+        _logged_auto_choices.add(key)
+        logger.info("%s on %s: auto picked the %s backend", op, x.device.type, candidates[0])
+    return candidates[0]
 
 
 def implementation(op: str, backend: str, x: torch.Tensor) -> Implementation:
