@@ -119,10 +119,19 @@ def data_sheet(name: str) -> tuple[float, float, str] | None:
     return None
 
 
-def measure_bf16_flops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    return 2 * size**3 / _best_time(lambda: a @ b, device, repeats)
+def measure_bf16_flops(device: torch.device, size: int = 2048, repeats: int = 5,
+                       budget_s: float = 0.5) -> tuple[float, int]:
+    """(best bf16 FLOP/s, the matmul side it was measured at). The side doubles from 256 up to
+    `size` while one product takes under `budget_s`: a CPU without bf16 instructions emulates
+    them and takes minutes for one 2048^3 product, and its peak is reached long before that."""
+    side = min(256, size)
+    while True:
+        a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+        b = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+        seconds = _best_time(lambda: a @ b, device, 1)
+        if side >= size or seconds * 8 > budget_s:
+            return 2 * side**3 / _best_time(lambda: a @ b, device, repeats), side
+        side *= 2
 
 
 def measure_bytes_per_s(device: torch.device, mebibytes: int = 256, repeats: int = 5) -> float:
@@ -159,14 +168,14 @@ def clock_for(device: torch.device):
 def describe(device: torch.device, peak_tflops: float | None = None, peak_gbps: float | None = None) -> DeviceInfo:
     name = device_name(device)
     sheet = data_sheet(name) if device.type == "cuda" else None
-    size = 8192 if device.type == "cuda" else 2048  # a GPU needs a large matmul to come near its peak
+    size = 8192 if device.type == "cuda" else 2048  # the largest side measured: a GPU needs 8192 to near its peak
     if sheet is not None:
         flops, bandwidth, source = sheet
     else:
-        # Only what is not given is measured: a bf16 matmul of this size takes over a minute on some CPUs.
-        flops = measure_bf16_flops(device, size) if peak_tflops is None else None
+        # Only what is not given is measured.
+        flops, side = measure_bf16_flops(device, size) if peak_tflops is None else (None, None)
         bandwidth = measure_bytes_per_s(device) if peak_gbps is None else None
-        measured = [what for what, value in ((f"best {size}^3 bf16 matmul", flops), ("256 MiB copy", bandwidth))
+        measured = [what for what, value in ((f"best {side}^3 bf16 matmul", flops), ("256 MiB copy", bandwidth))
                     if value is not None]
         source = f"measured here: {', '.join(measured)}" if measured else "nothing measured"
     if peak_tflops is not None:

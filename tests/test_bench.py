@@ -85,6 +85,13 @@ def test_given_peaks_replace_the_measured_ones():
     assert "--peak-tflops 2.0" in info.peak_source and "--peak-gbps 50.0" in info.peak_source
 
 
+def test_the_bf16_peak_is_measured_on_the_largest_matmul_the_budget_allows():
+    flops, side = harness.measure_bf16_flops(torch.device("cpu"), size=512, repeats=1, budget_s=0.0)
+    assert side == 256 and flops > 0  # no budget: the first side only
+    flops, side = harness.measure_bf16_flops(torch.device("cpu"), size=512, repeats=1, budget_s=1e9)
+    assert side == 512 and flops > 0  # never beyond `size`
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_cuda_clock_waits_for_the_work_it_times():
@@ -97,7 +104,7 @@ def test_the_cuda_clock_waits_for_the_work_it_times():
     queued = time.perf_counter()
     elapsed = clock() - start
     torch.cuda.synchronize(device)
-    expected = 20 * 2 * 4096**3 / harness.measure_bf16_flops(device, 4096) / 4  # fp32 runs at most ~4x slower
+    expected = 20 * 2 * 4096**3 / harness.measure_bf16_flops(device, 4096)[0] / 4  # fp32 runs at most ~4x slower
     assert elapsed > queued - start and elapsed > expected / 10
 
 

@@ -242,12 +242,21 @@ def test_a_config_with_wrong_values_names_the_file(tiny_model, tmp_path):
         sr3.SR3Engine.from_pretrained(tmp_path)
 
 
-def test_fused_backend_on_cpu_matches_eager(tiny_model):
-    eager = _engine(copy.deepcopy(tiny_model), scale=4)
-    fused = _engine(copy.deepcopy(tiny_model), scale=4, backend="fused")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_fused_backend_on_cpu_matches_eager(tiny_model, dtype, tolerance):
+    eager = _engine(copy.deepcopy(tiny_model), scale=4, dtype=dtype)
+    fused = _engine(copy.deepcopy(tiny_model), scale=4, dtype=dtype, backend="fused",
+                    backend_options={"max_graphs": 2})
     lr = torch.rand(2, 3, 5, 6)
-    torch.testing.assert_close(fused.sample(lr, generator=_seeded(4)), eager.sample(lr, generator=_seeded(4)),
-                               rtol=1e-4, atol=1e-4)
+    for _ in range(2):  # the first call traces and freezes the model, the second reuses that graph
+        torch.testing.assert_close(fused.sample(lr, generator=_seeded(4)), eager.sample(lr, generator=_seeded(4)),
+                                   rtol=tolerance, atol=tolerance)
+    assert fused.backend.cached_graphs == 1
+    for size in (4, 12):  # a graph per shape, at most max_graphs kept
+        lr = torch.rand(1, 3, size, size)
+        torch.testing.assert_close(fused.sample(lr, generator=_seeded(4)), eager.sample(lr, generator=_seeded(4)),
+                                   rtol=tolerance, atol=tolerance)
+    assert fused.backend.cached_graphs == 2
 
 
 @pytest.mark.parametrize("prediction", ["y0", "v"])

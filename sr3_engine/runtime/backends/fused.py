@@ -22,8 +22,16 @@ the last, smaller batch of tiles is padded to that size, so a new image size reu
 graph. The posterior step runs on the whole image, its noise drawn in the kernel from one
 seed for the whole image (or from the generator with `in_kernel_noise=False`).
 
-On the CPU there are no graphs: the model runs channels_last on whatever fused ops exist
-there (the C++ extension when built), and the backend says so once.
+On the CPU there are no CUDA graphs: the model runs channels_last on whatever fused ops exist
+there (the C++ extension when built), traced once per (input shapes, dtypes) into a frozen
+TorchScript graph that the eager loop calls (`_FrozenDenoiser`, kept under the same
+`max_graphs` bound), and the backend says so once. The graph runs the same operators as the
+module, so the output is the module's, but without Python and module-call overhead between
+them: on 2 cores that made a denoiser call of the tiny config at batch 1 1.6-2x faster and
+one of demo-x4 at 256x256 about 14% faster. Weights are frozen into the graph, so the model
+must not change once the engine has sampled. TorchScript is deprecated by PyTorch; what
+replaces it measured slower here (torch.export's module: no gain over eager; Inductor with
+its C++ wrapper and frozen weights: 8.7 ms a call against 5.9 ms, after 47 s of compiling).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import warnings
 
 import torch
 import torch.nn as nn
@@ -73,6 +82,13 @@ class _CapturedDenoiser:
     out: torch.Tensor
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _FrozenDenoiser:
+    """The model traced for one set of input shapes and dtypes and frozen, for the CPU."""
+
+    graph: torch.jit.ScriptModule
+
+
 class FusedBackend:
     name = "fused"
     tile_limits = (None, None)
@@ -98,12 +114,13 @@ class FusedBackend:
         else:
             probe = torch.empty(1, 8, 1, 1, device=device, dtype=dtype)
             self.op_backend = op_backend
-            logger.info("engine backend 'fused' on %s: no CUDA graphs; GroupNorm+SiLU runs on %s, the posterior "
-                           "step on %s", device.type, ops.resolve_backend("group_norm_silu", op_backend, probe),
+            logger.info("engine backend 'fused' on %s: no CUDA graphs; the model runs as frozen TorchScript, "
+                        "GroupNorm+SiLU on %s, the posterior step on %s", device.type, ops.resolve_backend("group_norm_silu", op_backend, probe),
                            ops.resolve_backend("posterior_step", op_backend, probe))
         self.model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
         set_op_backend(self.model, self.op_backend)
-        self._graphs: collections.OrderedDict[tuple, _CapturedLoop | _CapturedDenoiser] = collections.OrderedDict()
+        self._graphs: collections.OrderedDict[tuple, _CapturedLoop | _CapturedDenoiser | _FrozenDenoiser] = (
+            collections.OrderedDict())
 
     @property
     def cached_graphs(self) -> int:
@@ -117,7 +134,7 @@ class FusedBackend:
             tiles: TileGrid | None = None) -> torch.Tensor:
         x_up = x_up.to(self.dtype).contiguous(memory_format=torch.channels_last)
         if self.device.type != "cuda":
-            return run_eagerly(self.denoise, self.device, x_up, y_T, plan, generator=generator, callback=callback,
+            return run_eagerly(self._frozen_denoise, self.device, x_up, y_T, plan, generator=generator, callback=callback,
                                tiles=tiles, op_backend=self.op_backend)
         if tiles is not None:
             return self._run_tiled(x_up, y_T, plan, tiles, generator=generator, callback=callback)
@@ -139,6 +156,30 @@ class FusedBackend:
             for i in range(plan.num_steps):
                 callback(i, plan.num_steps, y0)
         return y0
+
+    def _frozen_denoise(self, x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+        y_t = y_t.contiguous(memory_format=torch.channels_last)
+        key = ("frozen",) + tuple((tuple(t.shape), t.dtype) for t in (x_up, y_t, noise_level))
+        frozen = self._graphs.get(key)
+        if frozen is None:
+            frozen = self._freeze(x_up, y_t, noise_level)
+            self._remember(key, frozen)
+        else:
+            self._graphs.move_to_end(key)
+        return frozen.graph(x_up, y_t, noise_level)
+
+    def _freeze(self, x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor) -> _FrozenDenoiser:
+        # Traced outside inference mode (the trace records ordinary tensors), on copies of the
+        # caller's tensors, which may be inference tensors.
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # The shape checks in forward become constants of the trace, which is what is wanted:
+            # every trace serves exactly the shapes it was made for. torch.jit's own deprecation
+            # notice is answered in the module docstring.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            examples = tuple(t.clone() for t in (x_up, y_t, noise_level))
+            traced = torch.jit.trace(self.model, examples, check_trace=False)
+            return _FrozenDenoiser(torch.jit.freeze(traced.eval()))
 
     def _run_tiled(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, tiles: TileGrid, *,
                    generator: torch.Generator | None, callback: StepCallback | None) -> torch.Tensor:
@@ -190,7 +231,7 @@ class FusedBackend:
                 out = self.denoise(static_x, static_y, level)
         return _CapturedDenoiser(graph, static_x, static_y, level, out)
 
-    def _remember(self, key: tuple, captured: _CapturedLoop | _CapturedDenoiser) -> None:
+    def _remember(self, key: tuple, captured: _CapturedLoop | _CapturedDenoiser | _FrozenDenoiser) -> None:
         self._graphs[key] = captured
         if len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
