@@ -61,7 +61,8 @@ class DeviceInfo:
         return {
             "device": self.device,
             "device_name": self.name,
-            "peak_bf16_tflops": round(self.peak_bf16_flops / 1e12, 3),
+            # Significant figures, not decimals: an emulated bf16 matmul reaches a few GFLOP/s.
+            "peak_bf16_tflops": float(f"{self.peak_bf16_flops / 1e12:.4g}"),
             "peak_gbps": round(self.peak_bytes_per_s / 1e9, 1),
             "peak_source": self.peak_source,
             **self.versions,

@@ -369,7 +369,7 @@ def section(run: Run, chart_name: str | None) -> str:
         "",
         f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, onnxruntime {info['onnxruntime']}, "
         f"Python {info['python']}, {info['torch_threads']} torch threads, sr3_engine {info['sr3_engine']}. "
-        f"Peaks: {fmt(info['peak_bf16_tflops'])} TFLOP/s bf16, {fmt(info['peak_gbps'])} GB/s "
+        f"Peaks: {info['peak_bf16_tflops']:.3g} TFLOP/s bf16, {fmt(info['peak_gbps'])} GB/s "
         f"({info['peak_source']}).{tf32_note(run)} {provenance(run)}:",
         "",
         f"    {run.command}",
