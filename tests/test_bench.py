@@ -15,7 +15,7 @@ import torch.nn as nn
 from PIL import Image
 
 import sr3_engine as sr3
-from bench import harness, report
+from bench import harness, interleaved, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,6 +269,34 @@ def test_the_benchmark_suite_still_runs(tmp_path):
     outcome = {case.get("name"): [child.tag for child in case]
                for case in ElementTree.parse(report_xml).getroot().iter("testcase")}
     assert {row: outcome.get(row) for row in rows} == {row: [] for row in rows}
+
+
+def test_interleaved_rounds_alternate_and_time_each_variant_alone():
+    order = []
+
+    class Engine:
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, seconds
+
+        def sample(self, lr, *, generator, steps):
+            order.append(self.name)
+            now[0] += self.seconds * steps
+
+    now = [0.0]
+    engines = {"a": Engine("a", 0.5), "b": Engine("b", 0.25)}
+    seconds = interleaved.interleaved_seconds(engines, torch.zeros(1, 3, 2, 2), steps=4, rounds=3,
+                                              clock=lambda: now[0])
+    assert order == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, untimed, then alternating rounds
+    assert seconds == {"a": [2.0] * 3, "b": [1.0] * 3}
+    lines = interleaved.table(seconds, steps=4)
+    assert lines[2] == "| a | 500 | 0.50x | 500, 500, 500 |"
+    assert lines[3] == "| b | 250 | 2.00x | 250, 250, 250 |"
+
+
+def test_interleaved_refuses_an_unknown_variant_naming_it(capsys):
+    with pytest.raises(SystemExit):
+        interleaved.main(["--device", "cpu", "--variants", "fused-fp8"])
+    assert "no variant 'fused-fp8' on cpu" in capsys.readouterr().err
 
 
 def test_speed_ups_use_the_paired_baseline_rounds(tmp_path, results):
