@@ -344,6 +344,15 @@ def build_engine(variant: Variant, problem: Problem, device: torch.device) -> sr
                          backend_options=dict(variant.options))
 
 
+def problem_named(device: torch.device, name: str | None) -> Problem:
+    """The suite's problem on `device` whose model is `name` (None: the first); ValueError naming the choices."""
+    problems = {problem.config: problem for problem in PROBLEMS[device.type]}
+    problem = problems.get(name or PROBLEMS[device.type][0].config)
+    if problem is None:
+        raise ValueError(f"--problem {name!r}: the suite's problems on {device.type} are {list(problems)}")
+    return problem
+
+
 def variant_named(device: torch.device, name: str) -> Variant:
     for variant in VARIANTS[device.type]:
         if variant.id == name:

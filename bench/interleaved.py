@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .harness import PROBLEMS, build_engine, clock_for, resolve_device, variant_named
+from .harness import build_engine, clock_for, problem_named, resolve_device, variant_named
 
 DEFAULT_VARIANTS = ("eager-fp32", "compile-fp32", "fused-fp32", "onnxruntime-fp32")
 
@@ -69,12 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         variants = [variant_named(device, name) for name in args.variants]
+        problem = problem_named(device, args.problem)
     except ValueError as error:
         parser.error(str(error))
-    problems = {problem.config: problem for problem in PROBLEMS[device.type]}
-    problem = problems.get(args.problem or PROBLEMS[device.type][0].config)
-    if problem is None:
-        parser.error(f"--problem {args.problem!r}: the suite's problems on {device.type} are {list(problems)}")
     steps = args.steps or problem.steps
     engines = {variant.id: build_engine(variant, problem, device) for variant in variants}
     generator = torch.Generator().manual_seed(args.batch)

@@ -16,7 +16,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from .harness import PROBLEMS, build_engine, resolve_device, variant_named
+from .harness import build_engine, problem_named, resolve_device, variant_named
 
 
 def top_kernels(events, on_cuda: bool, top: int) -> tuple[list[tuple[str, float, int]], float]:
@@ -47,12 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         variant = variant_named(device, args.variant)
+        problem = problem_named(device, args.problem)
     except ValueError as error:
         parser.error(str(error))
-    problems = {problem.config: problem for problem in PROBLEMS[device.type]}
-    problem = problems.get(args.problem or PROBLEMS[device.type][0].config)
-    if problem is None:
-        parser.error(f"--problem {args.problem!r}: the suite's problems on {device.type} are {list(problems)}")
     steps = args.steps or problem.steps
     engine = build_engine(variant, problem, device)
     lr = torch.rand(args.batch, 3, problem.lr_size, problem.lr_size, generator=torch.Generator().manual_seed(0))

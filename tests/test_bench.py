@@ -293,10 +293,13 @@ def test_interleaved_rounds_alternate_and_time_each_variant_alone():
     assert lines[3] == "| b | 250 | 2.00x | 250, 250, 250 |"
 
 
-def test_interleaved_refuses_an_unknown_variant_naming_it(capsys):
+def test_interleaved_refuses_an_unknown_variant_or_problem_naming_it(capsys):
     with pytest.raises(SystemExit):
         interleaved.main(["--device", "cpu", "--variants", "fused-fp8"])
     assert "no variant 'fused-fp8' on cpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        interleaved.main(["--device", "cpu", "--problem", "sr3-16-128"])
+    assert "--problem 'sr3-16-128': the suite's problems on cpu are ['tiny', 'demo-x4']" in capsys.readouterr().err
 
 
 def test_speed_ups_use_the_paired_baseline_rounds(tmp_path, results):
