@@ -115,8 +115,9 @@ class FusedBackend:
             probe = torch.empty(1, 8, 1, 1, device=device, dtype=dtype)
             self.op_backend = op_backend
             logger.info("engine backend 'fused' on %s: no CUDA graphs; the model runs as frozen TorchScript, "
-                        "GroupNorm+SiLU on %s, the posterior step on %s", device.type, ops.resolve_backend("group_norm_silu", op_backend, probe),
-                           ops.resolve_backend("posterior_step", op_backend, probe))
+                        "GroupNorm+SiLU on %s, the posterior step on %s", device.type,
+                        ops.resolve_backend("group_norm_silu", op_backend, probe),
+                        ops.resolve_backend("posterior_step", op_backend, probe))
         self.model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
         set_op_backend(self.model, self.op_backend)
         self._graphs: collections.OrderedDict[tuple, _CapturedLoop | _CapturedDenoiser | _FrozenDenoiser] = (
@@ -134,8 +135,8 @@ class FusedBackend:
             tiles: TileGrid | None = None) -> torch.Tensor:
         x_up = x_up.to(self.dtype).contiguous(memory_format=torch.channels_last)
         if self.device.type != "cuda":
-            return run_eagerly(self._frozen_denoise, self.device, x_up, y_T, plan, generator=generator, callback=callback,
-                               tiles=tiles, op_backend=self.op_backend)
+            return run_eagerly(self._frozen_denoise, self.device, x_up, y_T, plan, generator=generator,
+                               callback=callback, tiles=tiles, op_backend=self.op_backend)
         if tiles is not None:
             return self._run_tiled(x_up, y_T, plan, tiles, generator=generator, callback=callback)
         loop = self._loop_for(x_up, plan)
