@@ -42,6 +42,7 @@ import functools
 import hashlib
 import logging
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -161,12 +162,7 @@ class FusedBackend:
     def _frozen_denoise(self, x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
         y_t = y_t.contiguous(memory_format=torch.channels_last)
         key = ("frozen",) + tuple((tuple(t.shape), t.dtype) for t in (x_up, y_t, noise_level))
-        frozen = self._graphs.get(key)
-        if frozen is None:
-            frozen = self._freeze(x_up, y_t, noise_level)
-            self._remember(key, frozen)
-        else:
-            self._graphs.move_to_end(key)
+        frozen = self._cached(key, lambda: self._freeze(x_up, y_t, noise_level))
         return frozen.graph(x_up, y_t, noise_level)
 
     def _freeze(self, x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor) -> _FrozenDenoiser:
@@ -204,12 +200,7 @@ class FusedBackend:
         result is the graph's output buffer, valid until the next call."""
         count = x_up.shape[0]
         key = ("denoiser", capacity, tuple(x_up.shape[1:]), self.dtype)
-        captured = self._graphs.get(key)
-        if captured is None:
-            captured = self._capture_denoiser(capacity, tuple(x_up.shape[1:]))
-            self._remember(key, captured)
-        else:
-            self._graphs.move_to_end(key)
+        captured = self._cached(key, lambda: self._capture_denoiser(capacity, tuple(x_up.shape[1:])))
         captured.x_up[:count].copy_(x_up)
         captured.y[:count].copy_(y_t)
         captured.level[:count].copy_(noise_level)
@@ -232,20 +223,22 @@ class FusedBackend:
                 out = self.denoise(static_x, static_y, level)
         return _CapturedDenoiser(graph, static_x, static_y, level, out)
 
-    def _remember(self, key: tuple, captured: _CapturedLoop | _CapturedDenoiser | _FrozenDenoiser) -> None:
-        self._graphs[key] = captured
+    def _cached(self, key: tuple, build: Callable[[], _CapturedLoop | _CapturedDenoiser | _FrozenDenoiser]
+                ) -> _CapturedLoop | _CapturedDenoiser | _FrozenDenoiser:
+        """The graph kept under `key` (now the most recently used), or `build()`'s, kept in its place;
+        beyond `max_graphs` the least recently used graph is dropped."""
+        entry = self._graphs.get(key)
+        if entry is not None:
+            self._graphs.move_to_end(key)
+            return entry
+        entry = self._graphs[key] = build()
         if len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
+        return entry
 
     def _loop_for(self, x_up: torch.Tensor, plan: SamplingPlan) -> _CapturedLoop:
         key = (tuple(x_up.shape), self.dtype, _plan_digest(plan))
-        loop = self._graphs.get(key)
-        if loop is not None:
-            self._graphs.move_to_end(key)
-            return loop
-        loop = self._capture(x_up, plan)
-        self._remember(key, loop)
-        return loop
+        return self._cached(key, lambda: self._capture(x_up, plan))
 
     def _capture(self, x_up: torch.Tensor, plan: SamplingPlan) -> _CapturedLoop:
         shape = tuple(x_up.shape)
