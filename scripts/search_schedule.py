@@ -62,7 +62,9 @@ HEADER = ("| target | sampler | schedule steps | steps run | strength | PSNR | S
 
 def markdown_row(row: dict) -> str:
     model = row["model"]
-    return (f"| {row['prediction']} | {row['sampler']['name']} | {row['schedule_steps']} | {row['steps_run']} | "
+    scale = row.get("residual_scale")
+    target = row["prediction"] if scale is None else f"{row['prediction']}, residual x{scale:g}"
+    return (f"| {target} | {row['sampler']['name']} | {row['schedule_steps']} | {row['steps_run']} | "
             f"{row['sampler']['strength']} | {model['psnr']:.2f} | {model['ssim']:.4f} | {model['detail']:.2f} | "
             f"{model['consistency']:.2e} | {row['seconds_per_image']:.1f} |")
 
@@ -98,7 +100,8 @@ def main() -> int:
         results, _, _, _ = evaluate(engine, hr, names, sampler=config, schedule=schedule, samples=args.samples)
         seconds = time.perf_counter() - started
         model, bicubic = mean_scores([r.model for r in results]), mean_scores([r.bicubic for r in results])
-        rows.append({"prediction": engine.prediction, "sampler": config.to_dict(),
+        rows.append({"prediction": engine.prediction, "residual_scale": engine.residual_scale,
+                     "sampler": config.to_dict(),
                      "schedule": schedule.config.to_dict(),
                      "schedule_steps": steps, "steps_run": sr3.make_plan(schedule, config).num_steps,
                      "model": dataclasses.asdict(model), "per_image": [dataclasses.asdict(r.model) for r in results],

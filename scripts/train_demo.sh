@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Reproduces the bundled demo-x4 model: data preparation, then four training stages on the CPU
+# Reproduces the bundled demo-x4 model: data preparation, then five training stages on the CPU
 # (sr3_engine/assets/demo-x4/RECIPE.md gives the figures):
 #   1. eps prediction from scratch, 5000 steps (the first demo-x4, stopped at step 5000 of 6000);
 #   2. fine-tuned from stage 1 to v prediction at a constant learning rate;
 #   3. fine-tuned from stage 2 with the learning rate decaying to 0;
-#   4. fine-tuned from stage 3, the rate restarted at half and decaying again (the shipped model).
-# Usage: bash scripts/train_demo.sh [STAGE1_STEPS] [STAGE2_STEPS] [STAGE3_STEPS] [STAGE4_STEPS]
+#   4. fine-tuned from stage 3, the rate restarted at half and decaying again;
+#   5. fine-tuned from stage 4 to diffuse the residual over the bicubic condition, times 4 (the
+#      shipped model).
+# Usage: bash scripts/train_demo.sh [STAGE1_STEPS] [STAGE2_STEPS] [STAGE3_STEPS] [STAGE4_STEPS] [STAGE5_STEPS]
 # One thread: on a shared 2-core machine, two OpenMP threads stall each other whenever
 # anything else runs, and a step took 5-10x longer.
 set -euo pipefail
@@ -14,6 +16,7 @@ STAGE1_STEPS="${1:-5000}"
 STAGE2_STEPS="${2:-2000}"
 STAGE3_STEPS="${3:-1500}"
 STAGE4_STEPS="${4:-1500}"
+STAGE5_STEPS="${5:-1800}"
 PY=.venv/bin/python
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 [ -d data/demo/train ] || $PY scripts/prepare_demo_data.py --out data/demo
@@ -31,3 +34,6 @@ $PY -m sr3_engine train "${COMMON[@]}" --seed 1 --out runs/demo-x4-v-decay --ste
 $PY -m sr3_engine train "${COMMON[@]}" --seed 2 --out runs/demo-x4-v-decay2 --steps "$STAGE4_STEPS" --lr 5e-5 \
     --warmup-steps 50 --lr-decay-steps $((STAGE4_STEPS - 50)) --prediction v --init-from runs/demo-x4-v-decay/model \
     --op-backend cpp --save-every 250 --val-every 0
+$PY -m sr3_engine train "${COMMON[@]}" --seed 5 --out runs/demo-x4-residual --steps "$STAGE5_STEPS" --lr 2e-4 \
+    --warmup-steps 100 --lr-decay-steps $((STAGE5_STEPS - 100)) --prediction v --residual-scale 4 \
+    --init-from runs/demo-x4-v-decay2/model --op-backend cpp --save-every 250 --val-every 0

@@ -6,7 +6,7 @@ the fused op backends (`op_backends`), so `import sr3_engine` is all a user need
 
 from . import op_backends, ops  # noqa: F401  (op_backends registers the triton and cpp op backends)
 from .config import NAMED_UNET_CONFIGS, ScheduleConfig, UNetConfig
-from .diffusion import condition, diffusion_loss, q_sample, sample_noise_levels
+from .diffusion import condition, diffusion_loss, from_diffused, q_sample, sample_noise_levels, to_diffused
 from .io import ImageError, ImageWarning, load_image, save_png
 from .runtime.engine import SR3Engine
 from .runtime.model_dir import bundled_models
@@ -34,6 +34,7 @@ __all__ = [
     "bundled_models",
     "condition",
     "diffusion_loss",
+    "from_diffused",
     "load_image",
     "make_plan",
     "ops",
@@ -42,4 +43,5 @@ __all__ = [
     "sample_noise_levels",
     "save_png",
     "set_op_backend",
+    "to_diffused",
 ]

@@ -116,6 +116,11 @@ class UNetConfig(JsonConfig):
     checkpoint), the clean image y0 (the paper's alternative) or the velocity
     v = sqrt(gamma) eps - sqrt(1 - gamma) y0 (Salimans and Ho 2022). It changes no parameter;
     config files without it are eps models.
+
+    `residual_scale` is what the reverse process diffuses: None, the image itself (SR3, and
+    every imported checkpoint), or a number s, the residual over the condition
+    s (y0 - x_up) (`diffusion.to_diffused`). It changes no parameter either; config files
+    without it diffuse the image.
     """
 
     channels: int = 3
@@ -131,9 +136,12 @@ class UNetConfig(JsonConfig):
     film: bool = False
     noise_level_input: str = "sqrt_gamma"
     prediction: str = "eps"
+    residual_scale: float | None = None
 
     def __post_init__(self) -> None:
         self.check_field_types()
+        if self.residual_scale is not None and self.residual_scale <= 0.0:
+            raise ValueError(f"UNetConfig.residual_scale must be positive or null; got {self.residual_scale!r}")
         for name in ("channels", "inner_channels", "res_blocks", "norm_groups", "image_size", "num_heads"):
             value = getattr(self, name)
             if value < (0 if name == "res_blocks" else 1):

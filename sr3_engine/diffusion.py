@@ -22,6 +22,14 @@ error (p = 2; their square roots for p = 1) that weights each level by gamma/(1 
 the SNR: huge at low noise, vanishing at high noise), 1 (y0) and 1/(1 - gamma) (v, SNR + 1:
 never below the y0 loss, so the high noise levels where sampling from pure noise starts are not
 starved).
+
+Diffused space (UNetConfig.residual_scale). SR3 diffuses the image: y0 above is the HR image.
+A residual model diffuses d0 = s (y0 - x_up) instead (`to_diffused`), the detail the
+upsampled condition lacks, scaled by s so that its spread is not lost in the noise (the
+residual of x4 bicubic has a standard deviation of about 0.09 in [-1, 1]; the image, 0.54).
+Everything above holds with d0 in place of y0; the sample is y0 = x_up + d0 / s
+(`from_diffused`). Its low frequencies come from the condition whatever the network's
+error, and the network's errors reach the image divided by s.
 """
 
 from __future__ import annotations
@@ -67,6 +75,24 @@ def model_prediction(model: object) -> str:
     DistributedDataParallel wrapper's `.module`), eps for a denoiser without one."""
     config = getattr(getattr(model, "module", model), "config", None)
     return getattr(config, "prediction", "eps")
+
+
+def model_residual_scale(model: object) -> float | None:
+    """What `model` diffuses: its config's `residual_scale` (looking through a
+    DistributedDataParallel wrapper's `.module`), None (the image) for a denoiser without one."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "residual_scale", None)
+
+
+def to_diffused(y0: torch.Tensor, x_up: torch.Tensor, residual_scale: float | None) -> torch.Tensor:
+    """The variable the reverse process samples for image y0 given condition x_up: y0 itself
+    (residual_scale None, SR3), else residual_scale (y0 - x_up)."""
+    return y0 if residual_scale is None else (y0 - x_up) * residual_scale
+
+
+def from_diffused(d0: torch.Tensor, x_up: torch.Tensor, residual_scale: float | None) -> torch.Tensor:
+    """The image whose diffused variable is d0 (the inverse of `to_diffused`)."""
+    return d0 if residual_scale is None else x_up + d0 / residual_scale
 
 
 def prediction_target(prediction: str, y0: torch.Tensor, noise: torch.Tensor,
@@ -141,11 +167,13 @@ def sample_noise_levels(schedule: NoiseSchedule, batch: int, *, generator: torch
 def diffusion_loss(model: nn.Module, x_up: torch.Tensor, y0: torch.Tensor, schedule: NoiseSchedule,
                    p: int = 1, *, generator: torch.Generator | None = None,
                    level_space: str | None = None, prediction: str | None = None) -> torch.Tensor:
-    """Mean of |f(x, y~, level) - target|^p over every element (eq. 6 for eps), p in {1, 2}.
+    """Mean of |f(x, y~, level) - target|^p over every element (eq. 6 for eps), p in {1, 2},
+    with y~ the diffused variable of y0 (`to_diffused`) at a random level.
 
     `level_space` and `prediction` default to the model's `config.noise_level_input` and
     `config.prediction` when it has a config (looking through a DistributedDataParallel
-    wrapper's `.module`), else to sqrt_gamma and eps.
+    wrapper's `.module`), else to sqrt_gamma and eps. What is diffused is always the model's
+    (`model_residual_scale`): a network trained for one space is meaningless in the other.
     """
     if p not in (1, 2):
         raise ValueError(f"diffusion_loss: p must be 1 or 2; got {p!r}")
@@ -156,10 +184,11 @@ def diffusion_loss(model: nn.Module, x_up: torch.Tensor, y0: torch.Tensor, sched
         level_space = getattr(config, "noise_level_input", "sqrt_gamma")
     if prediction is None:
         prediction = model_prediction(model)
+    d0 = to_diffused(y0, x_up, model_residual_scale(model))
     levels = sample_noise_levels(schedule, y0.shape[0], generator=generator, device=y0.device, space=level_space)
     noise = randn(tuple(y0.shape), generator, y0.device, y0.dtype)
-    y_noisy = q_sample(y0, levels, noise)
+    y_noisy = q_sample(d0, levels, noise)
     output = model(x_up, y_noisy, levels)
-    target = prediction_target(prediction, y0.float(), noise.float(), levels)
+    target = prediction_target(prediction, d0.float(), noise.float(), levels)
     diff = (output.float() - target).abs()
     return diff.mean() if p == 1 else (diff * diff).mean()

@@ -45,7 +45,8 @@ import torch.nn as nn
 
 from . import ops
 from .config import PREDICTIONS, JsonConfig
-from .diffusion import model_prediction, q_sample, randn, y0_coefficients
+from .diffusion import (from_diffused, model_prediction, model_residual_scale, q_sample, randn, to_diffused,
+                        y0_coefficients)
 from .schedules import NoiseSchedule
 
 SIGMA_KINDS = ("posterior", "beta")
@@ -233,13 +234,14 @@ def make_plan(schedule: NoiseSchedule, config: SamplerConfig, prediction: str = 
     return plan
 
 
-def initial_state(plan: SamplingPlan, x_up: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def initial_state(plan: SamplingPlan, start: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """y at the plan's first step, float32: pure noise when the plan runs the whole schedule
-    (SR3 treats gamma_T as 0), else x_up diffused to the first step's level by q(y_t | y_0)."""
+    (SR3 treats gamma_T as 0), else `start` (the condition in the diffused space) diffused to
+    the first step's level by q(y_t | y_0)."""
     if not plan.warm_start:
         return noise.float()
-    level = torch.full((x_up.shape[0],), float(plan.noise_level[0]), device=x_up.device, dtype=torch.float32)
-    return q_sample(x_up.float(), level, noise.float())
+    level = torch.full((start.shape[0],), float(plan.noise_level[0]), device=start.device, dtype=torch.float32)
+    return q_sample(start.float(), level, noise.float())
 
 
 def level_tensors(plan: SamplingPlan, batch: int, device: torch.device | str) -> list[torch.Tensor]:
@@ -360,14 +362,24 @@ class PlanRunner(Protocol):
 
 
 def sample_with(run: PlanRunner, x_up: torch.Tensor, schedule: NoiseSchedule, config: SamplerConfig, *,
-                prediction: str = "eps", generator: torch.Generator | None = None,
-                callback: StepCallback | None = None) -> torch.Tensor:
+                prediction: str = "eps", residual_scale: float | None = None,
+                generator: torch.Generator | None = None, callback: StepCallback | None = None) -> torch.Tensor:
     """Plan `config` over `schedule` for a `prediction` network, draw the initial state for
     condition x_up from `generator` (pure noise, or the diffused condition when
-    config.strength < 1) and let `run` apply the plan."""
+    config.strength < 1), let `run` apply the plan and return the image y0.
+
+    For a residual model (`residual_scale`, see `diffusion.to_diffused`) the plan runs on the
+    scaled residual and its y0_hat is not clipped, since the image's bounds are no fixed
+    interval there: the image is clamped to [-1, 1] at the end instead."""
     plan = make_plan(schedule, config, prediction)
-    y_T = initial_state(plan, x_up, randn(tuple(x_up.shape), generator, x_up.device))
-    return run(x_up, y_T, plan, generator=generator, callback=callback)
+    if residual_scale is not None:
+        plan = dataclasses.replace(plan, clip=False)
+    start = to_diffused(x_up, x_up, residual_scale)
+    y_T = initial_state(plan, start, randn(tuple(x_up.shape), generator, x_up.device))
+    d0 = run(x_up, y_T, plan, generator=generator, callback=callback)
+    if residual_scale is None:
+        return d0
+    return from_diffused(d0, x_up.float(), residual_scale).clamp(-1.0, 1.0)
 
 
 def sample(model: nn.Module | Denoiser, x_up: torch.Tensor, schedule: NoiseSchedule,
@@ -378,9 +390,10 @@ def sample(model: nn.Module | Denoiser, x_up: torch.Tensor, schedule: NoiseSched
     (B, C, H, W) in [-1, 1] -> y_0 (B, C, H, W) in [-1, 1], float32. Honours the whole
     `config` (sampler, sigma, eta, clip, strength); the same generator seed gives the same
     output. `prediction` (what the output estimates) defaults to the model's
-    `config.prediction`, or eps for a denoiser without one. `backend` is the op backend of
-    the posterior step."""
+    `config.prediction`, or eps for a denoiser without one; what is diffused is the model's
+    (`diffusion.model_residual_scale`). `backend` is the op backend of the posterior step."""
     if prediction is None:
         prediction = model_prediction(model)
     return sample_with(functools.partial(run_plan, model, backend=backend), x_up, schedule, config,
-                       prediction=prediction, generator=generator, callback=callback)
+                       prediction=prediction, residual_scale=model_residual_scale(model),
+                       generator=generator, callback=callback)

@@ -24,6 +24,9 @@ TINY = UNetConfig.named("tiny").to_dict()
     ("dropout", float("nan"), "UNetConfig.dropout must be a finite number; got nan"),
     ("skip_rescale", 1, "UNetConfig.skip_rescale must be true or false; got 1"),
     ("noise_level_input", None, "UNetConfig.noise_level_input must be a string; got None"),
+    ("residual_scale", "4", "UNetConfig.residual_scale must be a finite number or null; got '4'"),
+    ("residual_scale", 0, "UNetConfig.residual_scale must be positive or null; got 0"),
+    ("residual_scale", -2.5, "UNetConfig.residual_scale must be positive or null; got -2.5"),
 ])
 def test_unet_config_fields_hold_their_types(field, value, message):
     with pytest.raises(ValueError) as info:
@@ -70,3 +73,10 @@ def test_a_bad_config_json_is_one_line_naming_the_file_and_the_field(tiny_model,
     with pytest.raises(ValueError) as info:
         model_dir.read_spec(tmp_path)
     assert str(info.value) == f"{tmp_path / 'config.json'}: {message}"
+
+
+def test_a_config_without_residual_scale_diffuses_the_image_and_one_with_it_round_trips():
+    old = {key: value for key, value in TINY.items() if key != "residual_scale"}
+    assert UNetConfig.from_dict(old).residual_scale is None
+    residual = UNetConfig.from_dict({**TINY, "residual_scale": 4})
+    assert residual.residual_scale == 4 and UNetConfig.from_json(residual.to_json()) == residual

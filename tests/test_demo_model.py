@@ -29,11 +29,11 @@ def test_bundled_model_samples_a_crop_deterministically():
     assert torch.isfinite(a).all()
 
 
-def test_bundled_model_predicts_v_and_its_samples_vary_with_the_seed():
+def test_bundled_model_predicts_v_of_the_residual_and_its_samples_vary_with_the_seed():
     # A model that regresses y0 whatever y_t is (the collapse a y0 target risks) would give one
     # output for every seed; from pure noise, SR3 draws different plausible images.
     engine = sr3.SR3Engine.from_pretrained("demo-x4", progress=False)
-    assert engine.prediction == "v"
+    assert engine.prediction == "v" and engine.residual_scale == 4.0
     lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     pure = sr3.SamplerConfig("ancestral")
     a, b = (engine.sample(lr, generator=torch.Generator().manual_seed(seed), steps=10, sampler=pure) for seed in (1, 2))
@@ -54,3 +54,11 @@ def test_the_demo_on_the_fused_backend_draws_the_eager_backends_image(tmp_path, 
         assert f"{backend} backend" in capsys.readouterr().out
     eager, fused = (np.asarray(Image.open(tmp_path / b / "chelsea-sr3.png"), dtype=np.int16) for b in ("eager", "fused"))
     assert np.abs(eager - fused).max() <= 1
+
+
+def test_the_demo_runs_another_sampler_when_asked(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--sampler", "ancestral", "--strength", "1", "--steps", "3"]
+    assert demo.main(args) == 0
+    assert "(ancestral, 3 denoising steps, strength 1.0," in capsys.readouterr().out
+    assert demo.main(["--out", str(tmp_path), "--strength", "0"]) == 2
+    assert "--strength: SamplerConfig.strength must be in (0, 1]" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import sr3_engine as sr3
 
@@ -56,6 +57,43 @@ def test_loss_is_the_mean_p_norm_of_the_target_error(p, prediction):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_a_residual_models_loss_diffuses_the_scaled_residual_over_the_condition(prediction):
+    seen = {}
+
+    class ResidualModel(nn.Module):
+        config = dataclasses.replace(sr3.UNetConfig.named("tiny"), prediction=prediction, residual_scale=3.0)
+
+        def forward(self, x_up, y_noisy, level):
+            seen.update(y=y_noisy, level=level)
+            return torch.zeros_like(y_noisy)
+
+    schedule = sr3.NoiseSchedule.linear(100, 1e-4, 0.05)
+    g = torch.Generator().manual_seed(2)
+    y0 = torch.rand(3, 3, 5, 4, generator=g) * 2 - 1
+    x_up = torch.rand(3, 3, 5, 4, generator=g) * 2 - 1
+    loss = sr3.diffusion_loss(ResidualModel(), x_up, y0, schedule, p=2, generator=torch.Generator().manual_seed(3))
+    level = seen["level"].view(-1, 1, 1, 1).double()
+    d0 = 3.0 * (y0.double() - x_up.double())
+    # The noise is redrawn from the same generator state: the forward process of d0, not of y0.
+    g = torch.Generator().manual_seed(3)
+    sr3.sample_noise_levels(schedule, 3, generator=g)
+    noise = torch.randn(y0.shape, generator=g).double()
+    torch.testing.assert_close(seen["y"].double(), level * d0 + torch.sqrt(1 - level * level) * noise,
+                               rtol=1e-5, atol=1e-5)
+    target = noise if prediction == "eps" else level * noise - torch.sqrt(1 - level * level) * d0
+    assert loss.item() == pytest.approx((target**2).mean().item(), rel=1e-5)
+
+
+def test_the_diffused_variable_round_trips():
+    g = torch.Generator().manual_seed(0)
+    y0, x_up = torch.rand(2, 3, 4, 4, generator=g) * 2 - 1, torch.rand(2, 3, 4, 4, generator=g) * 2 - 1
+    assert sr3.to_diffused(y0, x_up, None) is y0 and sr3.from_diffused(y0, x_up, None) is y0
+    d0 = sr3.to_diffused(y0, x_up, 4.0)
+    torch.testing.assert_close(d0, 4.0 * (y0 - x_up))
+    torch.testing.assert_close(sr3.from_diffused(d0, x_up, 4.0), y0)
+
+
 def test_loss_rejects_bad_p():
     x = torch.zeros(1, 3, 4, 4)
     with pytest.raises(ValueError, match="p must be 1 or 2"):
@@ -77,10 +115,11 @@ def test_the_loss_follows_the_models_prediction_target():
     assert losses["eps"].item() != losses["v"].item()
 
 
-@pytest.mark.parametrize("prediction", ["eps", "y0", "v"])
-def test_a_few_optimiser_steps_lower_the_loss(prediction):
+@pytest.mark.parametrize("prediction, residual_scale", [("eps", None), ("y0", None), ("v", None), ("v", 4.0)])
+def test_a_few_optimiser_steps_lower_the_loss(prediction, residual_scale):
     torch.manual_seed(1234)
-    tiny_model = sr3.SR3UNet(dataclasses.replace(sr3.UNetConfig.named("tiny"), prediction=prediction))
+    tiny_model = sr3.SR3UNet(dataclasses.replace(sr3.UNetConfig.named("tiny"), prediction=prediction,
+                                                 residual_scale=residual_scale))
     tiny_model.train()
     schedule = sr3.NoiseSchedule.linear(2000, 1e-6, 1e-2)
     g = torch.Generator().manual_seed(0)

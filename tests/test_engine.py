@@ -12,7 +12,7 @@ from PIL import Image
 
 import sr3_engine as sr3
 from sr3_engine.io import to_rgb_or_rgba
-from sr3_engine.runtime.backends import BackendUnavailableError
+from sr3_engine.runtime.backends import BackendUnavailableError, fused
 
 
 def _engine(model, **kwargs):
@@ -248,7 +248,7 @@ def test_fused_backend_on_cpu_matches_eager(tiny_model, dtype, tolerance):
     fused = _engine(copy.deepcopy(tiny_model), scale=4, dtype=dtype, backend="fused",
                     backend_options={"max_graphs": 2})
     lr = torch.rand(2, 3, 5, 6)
-    for _ in range(2):  # the first call traces and freezes the model, the second reuses that graph
+    for _ in range(2):  # step 2 of the first call traces and freezes the model, the second call reuses that graph
         torch.testing.assert_close(fused.sample(lr, generator=_seeded(4)), eager.sample(lr, generator=_seeded(4)),
                                    rtol=tolerance, atol=tolerance)
     assert fused.backend.cached_graphs == 1
@@ -259,10 +259,24 @@ def test_fused_backend_on_cpu_matches_eager(tiny_model, dtype, tolerance):
     assert fused.backend.cached_graphs == 2
 
 
-@pytest.mark.parametrize("prediction", ["y0", "v"])
+def test_fused_on_cpu_traces_a_shape_on_its_second_call_only(tiny_model, monkeypatch):
+    # A one-step plan ("mean") would otherwise pay for a trace that costs more than the call.
+    traced = []
+    real_freeze = fused._freeze
+    monkeypatch.setattr(fused, "_freeze", lambda *args: traced.append(args[1].shape) or real_freeze(*args))
+    engine = _engine(copy.deepcopy(tiny_model), scale=4, backend="fused", sampler="mean")
+    eager = _engine(copy.deepcopy(tiny_model), scale=4, sampler="mean")
+    lr = torch.rand(1, 3, 5, 6)
+    for calls in (1, 2, 3):
+        torch.testing.assert_close(engine.sample(lr, generator=_seeded(calls)),
+                                   eager.sample(lr, generator=_seeded(calls)), rtol=1e-4, atol=1e-4)
+        assert len(traced) == (0 if calls == 1 else 1)
+
+
+@pytest.mark.parametrize("prediction, residual_scale", [("y0", None), ("v", None), ("v", 4.0)])
 @pytest.mark.parametrize("sampler", ["ancestral", "dpmpp_2m"])
-def test_every_backend_serves_every_prediction_target_and_sampler(tiny_model, prediction, sampler):
-    model = sr3.SR3UNet(dataclasses.replace(tiny_model.config, prediction=prediction))
+def test_every_backend_serves_every_prediction_target_and_sampler(tiny_model, prediction, residual_scale, sampler):
+    model = sr3.SR3UNet(dataclasses.replace(tiny_model.config, prediction=prediction, residual_scale=residual_scale))
     model.load_state_dict(tiny_model.state_dict())
     model.eval()
     lr = torch.rand(1, 3, 5, 6)
@@ -273,7 +287,7 @@ def test_every_backend_serves_every_prediction_target_and_sampler(tiny_model, pr
     for backend in ("eager", "fused"):
         engine = _engine(copy.deepcopy(model), scale=4, backend=backend, sampler=sampler,
                          schedule=sr3.NoiseSchedule.linear(8, 1e-3, 0.2))
-        assert engine.prediction == prediction
+        assert engine.prediction == prediction and engine.residual_scale == residual_scale
         torch.testing.assert_close(engine.sample(lr, generator=_seeded(4)), reference,
                                    rtol=1e-4, atol=1e-4, msg=backend)
 

@@ -1,6 +1,8 @@
 """Samplers: an oracle denoiser must lead every sampler back to y0 whatever the network predicts;
 plans follow the equations."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -38,6 +40,39 @@ def test_oracle_denoiser_recovers_y0(schedule_name, config_name, prediction):
     out = sr3.sample(oracle_denoiser(y0, prediction=prediction), torch.zeros_like(y0), SCHEDULES[schedule_name](),
                      config, prediction=prediction, generator=torch.Generator().manual_seed(1))
     assert (out - y0).abs().max().item() < 1e-3
+
+
+class ResidualOracle:
+    """The oracle of a model that diffuses s (y0 - x_up): it knows that residual, and its config
+    says what it predicts and diffuses, as an SR3UNet's does."""
+
+    def __init__(self, y0: torch.Tensor, x_up: torch.Tensor, prediction: str, residual_scale: float):
+        self.config = dataclasses.replace(sr3.UNetConfig.named("tiny"), prediction=prediction,
+                                          residual_scale=residual_scale)
+        self._oracle = oracle_denoiser(sr3.to_diffused(y0, x_up, residual_scale), prediction=prediction)
+
+    def __call__(self, x_up, y_t, noise_level):
+        return self._oracle(x_up, y_t, noise_level)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "y0", "v"])
+@pytest.mark.parametrize("config_name", CONFIGS)
+@pytest.mark.parametrize("strength", [1.0, 0.3])
+def test_oracle_of_a_residual_model_recovers_y0(config_name, prediction, strength):
+    # x_up + d0 / s must come out, from pure noise and from the warm start (whose start is the
+    # condition's own residual: zero); y0 lies up to 1.8 from the condition, beyond the [-1, 1]
+    # that a clip of the scaled residual would impose, so the plan must not clip it.
+    config = dataclasses.replace(CONFIGS[config_name], strength=strength)
+    g = torch.Generator().manual_seed(5)
+    y0 = torch.rand(2, 3, 9, 7, generator=g) * 1.8 - 0.9
+    x_up = (y0 + 0.3 * torch.randn(y0.shape, generator=g)).clamp(-1, 1)
+    x_up[0, 0, 0, 0], y0[0, 0, 0, 0] = -0.9, 0.9
+    oracle = ResidualOracle(y0, x_up, prediction, 4.0)
+    out = sr3.sample(oracle, x_up, SCHEDULES["linear100"](), config, generator=torch.Generator().manual_seed(1))
+    assert (out - y0).abs().max().item() < 1e-3
+    image_model = sr3.sample(oracle._oracle, x_up, SCHEDULES["linear100"](), config, prediction=prediction,
+                             generator=torch.Generator().manual_seed(1))
+    assert (image_model - y0).abs().max().item() > 0.1
 
 
 @pytest.mark.parametrize("truth, assumed", [("y0", "eps"), ("v", "y0")])

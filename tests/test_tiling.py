@@ -137,17 +137,20 @@ def _border_gradient_ratio(image: torch.Tensor, borders: list[int]) -> float:
 
 
 def test_blending_every_step_leaves_no_seam():
-    # The bundled model (its default sampler, DDIM from the diffused condition, on a schedule
-    # respaced to 25 steps: 5 run) on a smooth synthetic photo, tiles of 64 output pixels at known
-    # columns; deterministic, so the only difference between the runs is the tiling.
+    # The bundled model sampling from pure noise (ancestral on its schedule respaced to 25 steps,
+    # where tiles that do not share their noise would disagree most) on a smooth synthetic photo,
+    # tiles of 64 output pixels at known columns; deterministic, so the only difference between
+    # the runs is the tiling. (Its low frequencies come from the condition, so even touching
+    # tiles disagree only in their detail: 1.35 against 0.85 with blending.)
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 24), torch.linspace(0, 1, 64), indexing="ij")
     lr = torch.stack([0.5 + 0.4 * torch.sin(6 * xx + 2 * yy), 0.5 + 0.3 * torch.cos(4 * yy), 0.3 + 0.4 * xx])[None]
     engine = sr3.SR3Engine.from_pretrained("demo-x4", progress=False)
 
     def ratio(overlap: int) -> float:
         starts = engine.tile_grid(1, (96, 256), tile=64, tile_overlap=overlap).starts[1]
-        out = engine.sample(lr, generator=_seeded(0), steps=25, tile=64, tile_overlap=overlap)
+        out = engine.sample(lr, generator=_seeded(0), steps=25, tile=64, tile_overlap=overlap,
+                            sampler=sr3.SamplerConfig("ancestral"))
         return _border_gradient_ratio(out, sorted({s for s in starts[1:]} | {s + 64 for s in starts[:-1]}))
 
-    assert ratio(16) < 1.1
-    assert ratio(0) > 1.5  # tiles that only touch: the measure does see seams
+    assert ratio(16) < 1.0
+    assert ratio(0) > 1.25  # tiles that only touch: the measure does see seams

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 
 from ..io import printable
+from ..runtime.engine import SR3Engine
+from ..samplers import SAMPLERS, SamplerConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # What a shell reports for a process that a signal ended: 128 + the signal's number.
@@ -114,6 +116,21 @@ def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-memory", type=byte_size, metavar="SIZE",
                         help="denoiser working memory allowed, e.g. 2G, 1500M, 512K or bytes "
                         "(default: a share of the free memory)")
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """--sampler and --strength, which override the model's own sampler (`sampler_config`)."""
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), help="default: the model's sampler")
+    parser.add_argument("--strength", type=float, help="fraction of the schedule run from the diffused input "
+                        "(1 = from pure noise); default: the model's")
+
+
+def sampler_config(engine: SR3Engine, args: argparse.Namespace) -> SamplerConfig:
+    """The model's sampler with --sampler and --strength applied."""
+    try:
+        return engine.sampler_config(args.sampler, strength=args.strength)
+    except ValueError as error:
+        raise UsageError(f"--strength: {error}") from None
 
 
 def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto") -> None:

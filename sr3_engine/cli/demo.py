@@ -23,7 +23,8 @@ from ..runtime.backends import ENGINE_BACKENDS, BackendUnavailableError
 from ..runtime.engine import SR3Engine
 from ..runtime.model_dir import ASSETS_DIR
 from ..samplers import make_plan
-from .common import EXIT_OK, EXIT_USAGE, UsageError, add_device_argument, parse_device, print_error
+from .common import (EXIT_OK, EXIT_USAGE, UsageError, add_device_argument, add_sampler_arguments, parse_device,
+                     print_error, sampler_config)
 from .evaluate import contact_sheet, nearest_up
 
 PHOTO_LR = ASSETS_DIR / "photos" / "chelsea-lr.png"
@@ -35,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="demo-x4", help="model directory or bundled model name")
     parser.add_argument("--out", type=Path, default=Path("out/demo"))
     parser.add_argument("--steps", type=int, default=None, help="default: the model's tuned schedule")
+    add_sampler_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=ENGINE_BACKENDS, default="fused",
                         help="engine backend (fused: the fastest on a CPU too, see bench/RESULTS.md)")
@@ -44,17 +46,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         engine = SR3Engine.from_pretrained(args.model, device=parse_device(args.device), backend=args.backend)
         schedule = engine.schedule_for(args.steps)
+        sampler = sampler_config(engine, args)
     except (OSError, ValueError, UsageError, BackendUnavailableError) as error:
         print_error(one_line(error))
         return EXIT_USAGE
     lr = pil_to_tensor(load_image(PHOTO_LR))[None]
     hr = pil_to_tensor(load_image(PHOTO_HR))[None]
-    steps = make_plan(schedule, engine.sampler, engine.prediction).num_steps
+    steps = make_plan(schedule, sampler, engine.prediction).num_steps
+    step_count = f"{steps} denoising step{'s' if steps != 1 else ''}"
     print(f"upscaling {PHOTO_LR.name} {lr.shape[-1]}x{lr.shape[-2]} -> x{engine.scale} with {args.model} "
-          f"({engine.sampler.name}, {steps} denoising steps, strength {engine.sampler.strength}, {args.device}, "
+          f"({sampler.name}, {step_count}, strength {sampler.strength}, {args.device}, "
           f"{args.backend} backend)")
     started = time.perf_counter()
-    sr = engine.sample(lr, generator=torch.Generator().manual_seed(args.seed), schedule=schedule).cpu()
+    sr = engine.sample(lr, generator=torch.Generator().manual_seed(args.seed), schedule=schedule, sampler=sampler).cpu()
     seconds = time.perf_counter() - started
 
     bicubic = resize.upsample(lr, engine.scale).clamp(0.0, 1.0)

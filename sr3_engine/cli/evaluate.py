@@ -31,12 +31,12 @@ from ..io import atomic_path, one_line, printable, save_png, tensor_to_pil
 from ..runtime.backends import ENGINE_BACKENDS, BackendUnavailableError
 from ..runtime.engine import SR3Engine
 from ..runtime.tiling import MemoryBudgetError
-from ..samplers import SAMPLERS, SamplerConfig
+from ..samplers import SamplerConfig
 from ..schedules import NoiseSchedule
 from ..training.data import DataError, centre_crop, make_lr, print_warning, usable_images
 from .common import (DTYPES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, TILE_HINT, UsageError, add_device_argument,
-                     add_dtype_argument, add_tiling_arguments, parse_device, print_error, run_until_stopped,
-                     tile_pixels)
+                     add_dtype_argument, add_sampler_arguments, add_tiling_arguments, parse_device, print_error,
+                     run_until_stopped, sampler_config, tile_pixels)
 
 SHEET_LABELS = ("LR (nearest)", "bicubic", "SR3", "HR")
 
@@ -145,8 +145,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="respace the model's schedule to N steps")
     parser.add_argument("--samples", type=int, default=1, help="draws per image; scores are their mean")
     parser.add_argument("--crop", type=int, default=256, help="HR centre-crop size (a multiple of --scale)")
-    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default=None, help="default: the model's sampler")
-    parser.add_argument("--strength", type=float, default=None, help="warm-start fraction (default: the model's)")
+    add_sampler_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-images", type=int, default=None)
     add_device_argument(parser, default="cpu")
@@ -192,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         paths = usable_images(args.data, args.crop)
         if engine.scale != args.scale:
             raise UsageError(f"{args.model}: the model upscales x{engine.scale}, not x{args.scale}")
-        sampler = engine.sampler_config(args.sampler, strength=args.strength)
+        sampler = sampler_config(engine, args)
     except (OSError, ValueError, DataError, UsageError, BackendUnavailableError, MemoryError) as error:
         print_error(one_line(error))
         return EXIT_USAGE

@@ -42,10 +42,10 @@ from ..training.trainer import AMP_DTYPES, Run, build_run, finish, start_process
 from .common import EXIT_OK, EXIT_USAGE, UsageError, parse_device, print_error, run_until_stopped
 
 # Flags that define the run: resuming with a different value would be another run.
-RUN_DEFINING = ("config", "prediction", "init_from", "scale", "hr_size", "batch_size", "lr", "weight_decay",
-                "warmup_steps", "lr_decay_steps", "ema_decay", "loss", "seed", "grad_clip", "blur_sigma", "resampler", "schedule",
-                "schedule_steps", "beta_start", "beta_end", "sample_steps", "sample_beta_start", "sample_beta_end",
-                "op_backend")
+RUN_DEFINING = ("config", "prediction", "residual_scale", "init_from", "scale", "hr_size", "batch_size", "lr",
+                "weight_decay", "warmup_steps", "lr_decay_steps", "ema_decay", "loss", "seed", "grad_clip",
+                "blur_sigma", "resampler", "schedule", "schedule_steps", "beta_start", "beta_end", "sample_steps",
+                "sample_beta_start", "sample_beta_end", "op_backend")
 
 
 def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
@@ -66,8 +66,11 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     add("--config", "sr3-16-128", help=f"U-Net: a named config ({', '.join(NAMED_UNET_CONFIGS)}) or a JSON file")
     add("--prediction", None, choices=PREDICTIONS,
         help="what the network's output estimates (default: the config's, eps when it has none)")
+    add("--residual-scale", None, type=float,
+        help="diffuse the residual over the upsampled input, times this factor, instead of the image "
+        "(default: the config's, the image when it has none)")
     add("--init-from", None, help="start from this model directory's weights (fine-tuning; its architecture "
-        "must be --config's, its prediction target may differ)")
+        "must be --config's, its prediction target and residual scale may differ)")
     add("--scale", 8, type=int, help="super-resolution factor")
     add("--hr-size", 128, type=int, help="side of the square HR training crops; smaller images are skipped")
     add("--steps", 1_000_000, type=int, help="total optimiser steps of the run")
@@ -189,6 +192,8 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, UNetConfig, dic
         config = model_config(args.config)
         if args.prediction is not None:
             config = dataclasses.replace(config, prediction=args.prediction)
+        if args.residual_scale is not None:
+            config = dataclasses.replace(config, residual_scale=args.residual_scale)
     if not args.data:
         raise UsageError("--data is required")
     return args, config, state
@@ -226,11 +231,14 @@ def train(argv: list[str] | None = None) -> Run:
 
 
 def initial_weights(name_or_path: str, config: UNetConfig) -> dict[str, torch.Tensor]:
-    """The weights of a model directory whose network is `config`'s (the prediction target aside)."""
+    """The weights of a model directory whose network is `config`'s (prediction target and
+    residual scale aside: neither changes a parameter)."""
     try:
         directory = model_dir.resolve(name_or_path)
         spec = model_dir.read_spec(directory)
-        if dataclasses.replace(spec.model, prediction=config.prediction) != config:
+        same_network = dataclasses.replace(spec.model, prediction=config.prediction,
+                                           residual_scale=config.residual_scale)
+        if same_network != config:
             raise ValueError(f"{directory}: its network is not --config's; --init-from needs the same architecture")
         return model_dir.read_weights(directory)
     except (OSError, ValueError) as error:

@@ -56,10 +56,10 @@ from ..io import (DEFAULT_MAX_PIXELS, ImageError, check_file, check_writable, co
 from ..runtime.backends import ENGINE_BACKENDS, BackendUnavailableError
 from ..runtime.engine import SR3Engine
 from ..runtime.tiling import MemoryBudgetError, check_tile
-from ..samplers import SAMPLERS, SamplerConfig
+from ..samplers import SamplerConfig
 from .common import (DTYPES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, TILE_HINT, UsageError, add_device_argument,
-                     add_dtype_argument, add_tiling_arguments, parse_device, positive_float, positive_int,
-                     print_error, run_until_stopped, tile_pixels)
+                     add_dtype_argument, add_sampler_arguments, add_tiling_arguments, parse_device, positive_float,
+                     positive_int, print_error, run_until_stopped, sampler_config, tile_pixels)
 
 
 class Job(NamedTuple):
@@ -108,9 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     existing.add_argument("--skip-existing", action="store_true",
                           help="skip inputs whose output already exists (resumes a folder job)")
     parser.add_argument("--steps", type=positive_int, help="sampling steps (default: the model's schedule)")
-    parser.add_argument("--sampler", choices=tuple(SAMPLERS), help="default: the model's sampler")
-    parser.add_argument("--strength", type=float, help="fraction of the schedule run from the diffused input "
-                        "(1 = from pure noise); default: the model's")
+    add_sampler_arguments(parser)
     parser.add_argument("--backend", choices=ENGINE_BACKENDS, default="eager", help="engine backend")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images of one size sampled together")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (see the module docs)")
@@ -294,14 +292,6 @@ def load_engine(args: argparse.Namespace, device: torch.device, show_progress: b
         except ValueError as error:
             raise UsageError(f"--steps {args.steps}: {error}") from None
     return engine
-
-
-def sampler_config(engine: SR3Engine, args: argparse.Namespace) -> SamplerConfig:
-    """The model's sampler with --sampler and --strength applied."""
-    try:
-        return engine.sampler_config(args.sampler, strength=args.strength)
-    except ValueError as error:
-        raise UsageError(f"--strength: {error}") from None
 
 
 def validate(jobs: list[Job], max_pixels: int, report: Report) -> Groups:

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..config import PREDICTIONS, UNetConfig
-from ..diffusion import condition, model_prediction, output_image
+from ..diffusion import condition, model_prediction, model_residual_scale, output_image
 from ..io import has_alpha, pil_to_tensor, tensor_to_pil, to_rgb_or_rgba
 from ..resize import RESAMPLERS
 from ..samplers import SamplerConfig, StepCallback, make_plan, sample_with
@@ -56,7 +56,8 @@ def default_schedule() -> NoiseSchedule:
 class SR3Engine:
     """Serve an SR3 denoiser. `model` is any module with model(x_up, y_t, noise_level) -> output,
     where the output estimates `prediction` (eps, y0 or v; an SR3UNet's own config says which,
-    any other module is taken as eps unless `prediction` says otherwise).
+    any other module is taken as eps unless `prediction` says otherwise). What is diffused, the
+    image or the residual over the condition, is the model's config's `residual_scale`.
 
     What happens to `model` depends on the backend (see runtime/backends): `eager`, `compile`
     and `fused` take it over, moving it to `device` and `dtype` (and, for `fused`, to
@@ -83,6 +84,7 @@ class SR3Engine:
             raise ValueError(f"SR3Engine: resampler must be one of {RESAMPLERS}; got {resampler!r}")
         self._resampler = resampler
         self._prediction = _prediction_of(model, prediction)
+        self._residual_scale = model_residual_scale(model)
         self._schedule = schedule if schedule is not None else default_schedule()
         self._scale = scale
         self._sampler = sampler if isinstance(sampler, SamplerConfig) else SamplerConfig(name=sampler)
@@ -104,6 +106,8 @@ class SR3Engine:
     tile_overlap = property(lambda self: self._tile_overlap, doc="Default tile overlap; None: automatic.")
     resampler = property(lambda self: self._resampler, doc="How the condition is upsampled (resize.RESAMPLERS).")
     prediction = property(lambda self: self._prediction, doc="What the model's output estimates: eps, y0 or v.")
+    residual_scale = property(lambda self: self._residual_scale,
+                              doc="What the model diffuses: None, the image (SR3); s, the residual s (y0 - x_up).")
     max_memory = property(lambda self: self._max_memory,
                           doc="Bytes of denoiser working memory allowed; None: a share of free memory.")
 
@@ -188,8 +192,8 @@ class SR3Engine:
                     callback(i, total, y)
 
             run = functools.partial(self._backend.run, tiles=grid)
-            y0 = sample_with(run, x_up, schedule, config, prediction=self._prediction, generator=generator,
-                             callback=on_step)
+            y0 = sample_with(run, x_up, schedule, config, prediction=self._prediction,
+                             residual_scale=self._residual_scale, generator=generator, callback=on_step)
         y0 = y0[..., :height, :width]
         return output_image(y0).to(lr.device)
 
