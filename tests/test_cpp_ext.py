@@ -144,11 +144,12 @@ def test_channels_last_stays_channels_last(shape):
 
 @needs_ext
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("shape, groups", [((4, 32, 70, 70), 1), ((3, 20, 9, 11), 5), ((1, 24, 130, 129), 2)],
-                         ids=str)
+@pytest.mark.parametrize("shape, groups", [((4, 32, 70, 70), 1), ((3, 20, 9, 11), 5), ((1, 24, 130, 129), 2),
+                                          ((8, 16, 32, 32), 8)], ids=str)
 def test_any_thread_count_gives_the_same_bits(shape, groups, channels_last):
     # (4, 32, 70, 70) with 1 group: 4 tasks, so 1 thread goes group by group and 4 threads split
-    # every group into chunks; both must sum the same partials in the same order.
+    # every group into chunks; both must sum the same partials in the same order. (8, 16, 32, 32)
+    # channels_last: one chunk an image, so 1 thread goes image by image and 4 sweep the batch.
     x, weight, bias, pre_bias = _data(shape, channels_last=channels_last)
     y_t, eps, noise = torch.randn(shape), torch.randn(shape), torch.randn(shape)
     before = torch.get_num_threads()
@@ -163,6 +164,7 @@ def test_any_thread_count_gives_the_same_bits(shape, groups, channels_last):
         torch.set_num_threads(before)
     for single, multi in zip(*outputs):
         assert torch.equal(single, multi)
+    torch.testing.assert_close(outputs[0][0].double(), _ref(x, groups, weight, bias, pre_bias), rtol=1e-5, atol=1e-5)
 
 
 @needs_ext

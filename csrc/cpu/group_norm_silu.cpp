@@ -17,6 +17,9 @@
 // group the second time from cache; otherwise (channels_last, or few groups) it runs image by
 // image, both sweeps over that image's chunks in parallel, so a single image with few groups
 // still keeps every thread busy and the second sweep finds what the cache kept of the first.
+// Channels_last images of fewer chunks than threads (a chunk is 16384 values) are swept as one
+// batch instead, which is what keeps the threads busy there. None of this changes which values
+// a partial holds nor the order partials are summed in.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -65,6 +68,21 @@ class GroupNormSilu {
         for (int64_t k = 0; k < chunks_; ++k) partial_nchw(bg, k);
         finalize(bg);
         for (int64_t k = 0; k < chunks_; ++k) apply_nchw(bg, k);
+      }
+      return;
+    }
+    if (a_.channels_last && chunks_ < threads) {
+      // An image has fewer chunks than there are threads (few channels, small images), so an
+      // image at a time would leave threads idle: each sweep covers the whole batch instead.
+      const int64_t units = a_.batch * chunks_;
+#pragma omp parallel num_threads(threads) if (parallel)
+      {
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < units; ++u) partial_nhwc(u / chunks_, u % chunks_);
+#pragma omp for schedule(static)
+        for (int64_t bg = 0; bg < groups; ++bg) finalize(bg);
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < units; ++u) apply_nhwc(u / chunks_, u % chunks_);
       }
       return;
     }
