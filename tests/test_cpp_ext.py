@@ -168,6 +168,29 @@ def test_any_thread_count_gives_the_same_bits(shape, groups, channels_last):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16, 1e-2)],
+                         ids=str)
+def test_channels_last_batches_gather_the_next_image_while_writing_this_one(dtype, atol):
+    # 40 channels (two tiles of 16 and 8 left over), 3072 rows an image in chunks of 409 rows,
+    # so eight chunks an image, blocks of rows that do not divide a chunk, and three images:
+    # the output sweep of images 0 and 1 also sums the partials of images 1 and 2.
+    x, weight, bias, pre_bias = _data((3, 40, 48, 64), dtype, channels_last=True)
+    before = torch.get_num_threads()
+    outputs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outputs.append(gn_op(x, 5, weight, bias, pre_bias, 1e-5))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outputs[0], out) for out in outputs[1:])
+    torch.testing.assert_close(outputs[0].double(), _ref(x, 5, weight, bias, pre_bias), rtol=0, atol=atol)
+    # Each image on its own gives the same bits as within the batch.
+    alone = torch.cat([gn_op(x[i:i + 1], 5, weight, bias, pre_bias[i:i + 1], 1e-5) for i in range(3)])
+    assert torch.equal(alone, outputs[0])
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 3e-6), (torch.bfloat16, 5e-2)], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_few_groups_with_many_values_split_the_reduction_correctly(dtype, atol, channels_last):
