@@ -172,8 +172,7 @@ class GroupNormSilu {
   // channels while it is in L1; a tile's accumulators stay in registers over the block's rows,
   // as float sums of kTile rows added to double ones. The last C mod kTile channels accumulate
   // in memory. Walking one tile down the whole chunk instead reads each row's cache lines with
-  // a stride the prefetchers do not follow, which made this sweep DRAM-latency bound once the
-  // batch outgrew the last-level cache.
+  // a stride; from DRAM that sweep was 1.1x slower at 256 channels (level at 64).
   void partial_nhwc(int64_t b, int64_t k) {
     const int64_t channels = a_.channels, tiled = channels / kTile * kTile;
     const int64_t first_row = k * rows_per_chunk_, end = std::min(a_.spatial, first_row + rows_per_chunk_);
