@@ -70,18 +70,20 @@ def q_sample(y0: torch.Tensor, noise_level: torch.Tensor, noise: torch.Tensor) -
     return level * y0 + torch.sqrt(1.0 - level * level) * noise
 
 
+def _model_config(model: object) -> object | None:
+    """`model`'s config, looking through a DistributedDataParallel wrapper's `.module`; None
+    for a denoiser without one."""
+    return getattr(getattr(model, "module", model), "config", None)
+
+
 def model_prediction(model: object) -> str:
-    """What `model`'s output estimates: its config's `prediction` (looking through a
-    DistributedDataParallel wrapper's `.module`), eps for a denoiser without one."""
-    config = getattr(getattr(model, "module", model), "config", None)
-    return getattr(config, "prediction", "eps")
+    """What `model`'s output estimates: its config's `prediction`, eps for a denoiser without one."""
+    return getattr(_model_config(model), "prediction", "eps")
 
 
 def model_residual_scale(model: object) -> float | None:
-    """What `model` diffuses: its config's `residual_scale` (looking through a
-    DistributedDataParallel wrapper's `.module`), None (the image) for a denoiser without one."""
-    config = getattr(getattr(model, "module", model), "config", None)
-    return getattr(config, "residual_scale", None)
+    """What `model` diffuses: its config's `residual_scale`, None (the image) for a denoiser without one."""
+    return getattr(_model_config(model), "residual_scale", None)
 
 
 def to_diffused(y0: torch.Tensor, x_up: torch.Tensor, residual_scale: float | None) -> torch.Tensor:
@@ -180,8 +182,7 @@ def diffusion_loss(model: nn.Module, x_up: torch.Tensor, y0: torch.Tensor, sched
     if x_up.shape != y0.shape:
         raise ValueError(f"diffusion_loss: x_up {tuple(x_up.shape)} and y0 {tuple(y0.shape)} differ in shape")
     if level_space is None:
-        config = getattr(getattr(model, "module", model), "config", None)
-        level_space = getattr(config, "noise_level_input", "sqrt_gamma")
+        level_space = getattr(_model_config(model), "noise_level_input", "sqrt_gamma")
     if prediction is None:
         prediction = model_prediction(model)
     d0 = to_diffused(y0, x_up, model_residual_scale(model))
