@@ -273,6 +273,62 @@ def test_fused_on_cpu_traces_a_shape_on_its_second_call_only(tiny_model, monkeyp
         assert len(traced) == (0 if calls == 1 else 1)
 
 
+def test_fused_on_cpu_fits_a_full_resolution_feature_map_of_each_call_in_slice_bytes(tiny_model):
+    # inner_channels x height x width values of the engine's dtype per image, at least one image.
+    config = dataclasses.replace(tiny_model.config, inner_channels=32)
+    for dtype, side, slice_bytes, images in [(torch.float32, 256, fused.DEFAULT_SLICE_BYTES, 1),
+                                             (torch.float32, 64, fused.DEFAULT_SLICE_BYTES, 8),
+                                             (torch.bfloat16, 64, fused.DEFAULT_SLICE_BYTES, 16),
+                                             (torch.float32, 64, 32 * 64 * 64 * 4 * 3 - 1, 2),
+                                             (torch.float32, 1024, 1, 1)]:
+        backend = fused.FusedBackend(sr3.SR3UNet(config), torch.device("cpu"), dtype, slice_bytes=slice_bytes)
+        assert backend.images_per_call(side, side) == images
+    whole = fused.FusedBackend(sr3.SR3UNet(config), torch.device("cpu"), torch.float32, slice_bytes=None)
+    assert whole.images_per_call(1024, 1024) >= 2**31
+    unknown = fused.FusedBackend(nn.Conv2d(6, 3, 1), torch.device("cpu"), torch.float32)
+    assert unknown.images_per_call(1024, 1024) >= 2**31
+
+
+@pytest.mark.parametrize("slice_bytes", [0, -1, 1.5, True, "4MiB"])
+def test_fused_refuses_a_slice_bytes_that_is_not_a_positive_int(tiny_model, slice_bytes):
+    with pytest.raises(ValueError, match="slice_bytes must be a positive int or None"):
+        fused.FusedBackend(tiny_model, torch.device("cpu"), torch.float32, slice_bytes=slice_bytes)
+
+
+def test_fused_on_cpu_runs_a_batch_in_slices_and_traces_each_slice_shape_once(tiny_model, monkeypatch):
+    traced = []
+    real_freeze = fused._freeze
+    monkeypatch.setattr(fused, "_freeze", lambda *args: traced.append(args[1].shape[0]) or real_freeze(*args))
+    # 5 images of 20 x 24 pixels, two of them fit in a slice: slices of 2, 2 and 1 image.
+    map_bytes = tiny_model.config.inner_channels * 20 * 24 * 4
+    sliced = _engine(copy.deepcopy(tiny_model), scale=4, backend="fused",
+                     backend_options={"slice_bytes": 3 * map_bytes - 1})
+    whole = _engine(copy.deepcopy(tiny_model), scale=4, backend="fused", backend_options={"slice_bytes": None})
+    eager = _engine(copy.deepcopy(tiny_model), scale=4)
+    assert sliced.backend.images_per_call(20, 24) == 2
+    lr = torch.rand(5, 3, 5, 6)
+    expected = eager.sample(lr, generator=_seeded(4))
+    torch.testing.assert_close(sliced.sample(lr, generator=_seeded(4)), expected, rtol=1e-4, atol=1e-4)
+    assert sorted(traced) == [1, 2] and sliced.backend.cached_graphs == 2
+    torch.testing.assert_close(whole.sample(lr, generator=_seeded(4)), expected, rtol=1e-4, atol=1e-4)
+    assert sorted(traced) == [1, 2, 5] and whole.backend.cached_graphs == 1
+
+
+def test_fused_on_cpu_counts_the_slices_of_one_call_as_one_sighting_of_their_shape(tiny_model, monkeypatch):
+    # Three slices of one image in a one-step plan are one call: no trace until a second call.
+    traced = []
+    real_freeze = fused._freeze
+    monkeypatch.setattr(fused, "_freeze", lambda *args: traced.append(args[1].shape) or real_freeze(*args))
+    engine = _engine(copy.deepcopy(tiny_model), scale=4, backend="fused", sampler="mean",
+                     backend_options={"slice_bytes": 1})
+    eager = _engine(copy.deepcopy(tiny_model), scale=4, sampler="mean")
+    lr = torch.rand(3, 3, 5, 6)
+    for calls in (1, 2):
+        torch.testing.assert_close(engine.sample(lr, generator=_seeded(calls)),
+                                   eager.sample(lr, generator=_seeded(calls)), rtol=1e-4, atol=1e-4)
+        assert len(traced) == calls - 1
+
+
 @pytest.mark.parametrize("prediction, residual_scale", [("y0", None), ("v", None), ("v", 4.0)])
 @pytest.mark.parametrize("sampler", ["ancestral", "dpmpp_2m"])
 def test_every_backend_serves_every_prediction_target_and_sampler(tiny_model, prediction, residual_scale, sampler):
