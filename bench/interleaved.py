@@ -5,6 +5,10 @@ on each (tracing, compiling or exporting what it needs), then `--rounds` rounds 
 variant samples once in turn, and prints a Markdown table of each variant's median time per
 step, its ratio to the fastest other variant and the rounds themselves.
 
+`--slice-bytes 1048576 4194304 none` adds fused fp32 engines with those `slice_bytes` (on the
+CPU: the most bytes of one full-resolution feature map a denoiser call takes; none runs whole
+batches), which is how to tune that option for a machine and a batch size.
+
 Why beside the suite's paired rounds: there every round of a backend follows a round of eager
 fp32, and the speed-up is over that round. On a machine with few cores a backend whose worker
 threads spin after a run (onnxruntime's do) slows the eager round that follows it and so
@@ -15,6 +19,7 @@ machine reaches all of them alike because their rounds alternate.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -53,6 +58,15 @@ def table(seconds: dict[str, list[float]], steps: int) -> list[str]:
     return lines
 
 
+def slice_bytes(text: str) -> int | None:
+    """A --slice-bytes value: a positive number of bytes, or none."""
+    if text.lower() == "none":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of bytes or none; got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.interleaved", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -63,17 +77,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the problem's)")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
                         help=f"engine variants of the suite (default: {' '.join(DEFAULT_VARIANTS)})")
+    parser.add_argument("--slice-bytes", nargs="+", type=slice_bytes, default=[], metavar="BYTES",
+                        help="also time fused-fp32 with each of these backend_options slice_bytes (CPU only; "
+                             "none: whole batches)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.rounds < 1:
         parser.error(f"--batch and --rounds must be positive; got {args.batch} and {args.rounds}")
     try:
         device = resolve_device(args.device)
-        variants = [variant_named(device, name) for name in args.variants]
+        variants = {variant.id: variant for variant in (variant_named(device, name) for name in args.variants)}
         problem = problem_named(device, args.problem)
     except ValueError as error:
         parser.error(str(error))
+    if args.slice_bytes and device.type != "cpu":
+        parser.error(f"--slice-bytes tunes the fused backend on the CPU; the device is {device.type}")
+    fused = variant_named(device, "fused-fp32")
+    for value in args.slice_bytes:
+        variants[f"{fused.id} slice_bytes={value}"] = dataclasses.replace(
+            fused, options=fused.options + (("slice_bytes", value),))
     steps = args.steps or problem.steps
-    engines = {variant.id: build_engine(variant, problem, device) for variant in variants}
+    engines = {name: build_engine(variant, problem, device) for name, variant in variants.items()}
     generator = torch.Generator().manual_seed(args.batch)
     lr = torch.rand(args.batch, 3, problem.lr_size, problem.lr_size, generator=generator).to(device)
     seconds = interleaved_seconds(engines, lr, steps, args.rounds, clock_for(device))

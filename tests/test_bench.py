@@ -302,6 +302,29 @@ def test_interleaved_refuses_an_unknown_variant_or_problem_naming_it(capsys):
     assert "--problem 'sr3-16-128': the suite's problems on cpu are ['tiny', 'demo-x4']" in capsys.readouterr().err
 
 
+def test_interleaved_times_fused_at_each_slice_bytes_asked_for(monkeypatch, capsys):
+    built = {}
+
+    def build_engine(variant, problem, device):
+        options = dict(variant.options)
+        built[variant.id, options.get("slice_bytes", "default")] = problem.config
+        return object()
+
+    monkeypatch.setattr(interleaved, "build_engine", build_engine)
+    monkeypatch.setattr(interleaved, "interleaved_seconds",
+                        lambda engines, lr, steps, rounds, clock: {name: [1.0] for name in engines})
+    assert interleaved.main(["--device", "cpu", "--problem", "demo-x4", "--batch", "4", "--variants", "eager-fp32",
+                             "--slice-bytes", "1048576", "none", "--rounds", "1"]) == 0
+    assert built == {("eager-fp32", "default"): "demo-x4", ("fused-fp32", 1048576): "demo-x4",
+                     ("fused-fp32", None): "demo-x4"}
+    output = capsys.readouterr().out
+    assert "| fused-fp32 slice_bytes=1048576 |" in output and "| fused-fp32 slice_bytes=None |" in output
+    for bad in ("0", "4MiB", "-1"):
+        with pytest.raises(SystemExit):
+            interleaved.main(["--device", "cpu", "--slice-bytes", bad])
+        assert "expected a positive number of bytes or none" in capsys.readouterr().err
+
+
 def test_speed_ups_use_the_paired_baseline_rounds(tmp_path, results):
     # Each backend's rounds ran right after baseline rounds that took 8x as long: the machine was
     # slower then than when the baseline's own row was measured, and only the pairing shows it.
