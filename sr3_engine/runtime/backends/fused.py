@@ -97,7 +97,7 @@ class _CapturedDenoiser:
     out: torch.Tensor
 
 
-Slice = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+DenoiserInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class _FrozenDenoiser:
@@ -113,7 +113,7 @@ class _FrozenDenoiser:
         self._called = False
         self._graph: torch.jit.ScriptModule | None = None
 
-    def __call__(self, slices: list[Slice]) -> list[torch.Tensor]:
+    def __call__(self, slices: list[DenoiserInputs]) -> list[torch.Tensor]:
         """eps of each slice (all of this denoiser's shapes) of one denoiser call."""
         if self._graph is None and self._called:
             self._graph = _freeze(self._model, *slices[0])
