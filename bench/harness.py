@@ -289,7 +289,8 @@ TRAIN_PROBLEMS = {"cpu": ("demo-x4", 16, 64), "cuda": ("sr3-16-128", 16, 128)}
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One engine configuration: an engine backend, its dtype and its options. The id names the
-    backend and dtype only: a device's variants differ in those, and engines are cached by it."""
+    backend and dtype only: a device's variants in VARIANTS differ in those, and the suite caches
+    engines by it (`bench.interleaved --slice-bytes` labels its extra fused variants itself)."""
 
     backend: str
     dtype: torch.dtype

@@ -89,12 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         problem = problem_named(device, args.problem)
     except ValueError as error:
         parser.error(str(error))
-    if args.slice_bytes and device.type != "cpu":
-        parser.error(f"--slice-bytes tunes the fused backend on the CPU; the device is {device.type}")
-    fused = variant_named(device, "fused-fp32")
-    for value in args.slice_bytes:
-        variants[f"{fused.id} slice_bytes={value}"] = dataclasses.replace(
-            fused, options=fused.options + (("slice_bytes", value),))
+    if args.slice_bytes:
+        if device.type != "cpu":
+            parser.error(f"--slice-bytes tunes the fused backend on the CPU; the device is {device.type}")
+        fused = variant_named(device, "fused-fp32")
+        for value in args.slice_bytes:
+            variants[f"{fused.id} slice_bytes={value}"] = dataclasses.replace(
+                fused, options=fused.options + (("slice_bytes", value),))
     steps = args.steps or problem.steps
     engines = {name: build_engine(variant, problem, device) for name, variant in variants.items()}
     generator = torch.Generator().manual_seed(args.batch)

@@ -319,6 +319,20 @@ def test_interleaved_times_fused_at_each_slice_bytes_asked_for(monkeypatch, caps
                      ("fused-fp32", None): "demo-x4"}
     output = capsys.readouterr().out
     assert "| fused-fp32 slice_bytes=1048576 |" in output and "| fused-fp32 slice_bytes=None |" in output
+    # CUDA has no fused-fp32 variant: the option is refused there, and without it nothing looks for one.
+    class EnginesBuilt(Exception):
+        pass
+
+    def build_and_stop(variant, problem, device):
+        raise EnginesBuilt(variant.id)
+
+    monkeypatch.setattr(interleaved, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(interleaved, "build_engine", build_and_stop)
+    with pytest.raises(EnginesBuilt, match="fused-bf16"):
+        interleaved.main(["--variants", "fused-bf16", "--rounds", "1"])
+    with pytest.raises(SystemExit):
+        interleaved.main(["--variants", "fused-bf16", "--slice-bytes", "1048576"])
+    assert "--slice-bytes tunes the fused backend on the CPU; the device is cuda" in capsys.readouterr().err
     for bad in ("0", "4MiB", "-1"):
         with pytest.raises(SystemExit):
             interleaved.main(["--device", "cpu", "--slice-bytes", bad])

@@ -261,9 +261,7 @@ def test_fused_backend_on_cpu_matches_eager(tiny_model, dtype, tolerance):
 
 def test_fused_on_cpu_traces_a_shape_on_its_second_call_only(tiny_model, monkeypatch):
     # A one-step plan ("mean") would otherwise pay for a trace that costs more than the call.
-    traced = []
-    real_freeze = fused._freeze
-    monkeypatch.setattr(fused, "_freeze", lambda *args: traced.append(args[1].shape) or real_freeze(*args))
+    traced = _recording_freeze(monkeypatch)
     engine = _engine(copy.deepcopy(tiny_model), scale=4, backend="fused", sampler="mean")
     eager = _engine(copy.deepcopy(tiny_model), scale=4, sampler="mean")
     lr = torch.rand(1, 3, 5, 6)
@@ -274,7 +272,7 @@ def test_fused_on_cpu_traces_a_shape_on_its_second_call_only(tiny_model, monkeyp
 
 
 def test_fused_on_cpu_fits_a_full_resolution_feature_map_of_each_call_in_slice_bytes(tiny_model):
-    # inner_channels x height x width values of the engine's dtype per image, at least one image.
+    # inner_channels x channel_mults[0] x height x width values of the engine's dtype per image, at least one.
     config = dataclasses.replace(tiny_model.config, inner_channels=32)
     for dtype, side, slice_bytes, images in [(torch.float32, 256, fused.DEFAULT_SLICE_BYTES, 1),
                                              (torch.float32, 64, fused.DEFAULT_SLICE_BYTES, 8),
@@ -283,10 +281,13 @@ def test_fused_on_cpu_fits_a_full_resolution_feature_map_of_each_call_in_slice_b
                                              (torch.float32, 1024, 1, 1)]:
         backend = fused.FusedBackend(sr3.SR3UNet(config), torch.device("cpu"), dtype, slice_bytes=slice_bytes)
         assert backend.images_per_call(side, side) == images
+    wide_first_level = dataclasses.replace(config, channel_mults=(2, 2, 2))
+    backend = fused.FusedBackend(sr3.SR3UNet(wide_first_level), torch.device("cpu"), torch.float32)
+    assert backend.images_per_call(64, 64) == 4
     whole = fused.FusedBackend(sr3.SR3UNet(config), torch.device("cpu"), torch.float32, slice_bytes=None)
-    assert whole.images_per_call(1024, 1024) >= 2**31
+    assert whole.images_per_call(1024, 1024) is None
     unknown = fused.FusedBackend(nn.Conv2d(6, 3, 1), torch.device("cpu"), torch.float32)
-    assert unknown.images_per_call(1024, 1024) >= 2**31
+    assert unknown.images_per_call(1024, 1024) is None
 
 
 @pytest.mark.parametrize("slice_bytes", [0, -1, 1.5, True, "4MiB"])
@@ -295,30 +296,46 @@ def test_fused_refuses_a_slice_bytes_that_is_not_a_positive_int(tiny_model, slic
         fused.FusedBackend(tiny_model, torch.device("cpu"), torch.float32, slice_bytes=slice_bytes)
 
 
-def test_fused_on_cpu_runs_a_batch_in_slices_and_traces_each_slice_shape_once(tiny_model, monkeypatch):
+def _recording_freeze(monkeypatch) -> list[int]:
+    """The batch of every trace the fused backend makes from now on."""
     traced = []
     real_freeze = fused._freeze
     monkeypatch.setattr(fused, "_freeze", lambda *args: traced.append(args[1].shape[0]) or real_freeze(*args))
+    return traced
+
+
+@pytest.mark.parametrize("max_graphs", [1, 4])
+def test_fused_on_cpu_runs_a_batch_in_slices_and_traces_each_slice_size_once(tiny_model, monkeypatch, max_graphs):
+    traced = _recording_freeze(monkeypatch)
     # 5 images of 20 x 24 pixels, two of them fit in a slice: slices of 2, 2 and 1 image.
     map_bytes = tiny_model.config.inner_channels * 20 * 24 * 4
     sliced = _engine(copy.deepcopy(tiny_model), scale=4, backend="fused",
-                     backend_options={"slice_bytes": 3 * map_bytes - 1})
+                     backend_options={"slice_bytes": 3 * map_bytes - 1, "max_graphs": max_graphs})
     whole = _engine(copy.deepcopy(tiny_model), scale=4, backend="fused", backend_options={"slice_bytes": None})
     eager = _engine(copy.deepcopy(tiny_model), scale=4)
     assert sliced.backend.images_per_call(20, 24) == 2
     lr = torch.rand(5, 3, 5, 6)
     expected = eager.sample(lr, generator=_seeded(4))
     torch.testing.assert_close(sliced.sample(lr, generator=_seeded(4)), expected, rtol=1e-4, atol=1e-4)
-    assert sorted(traced) == [1, 2] and sliced.backend.cached_graphs == 2
+    # One graph-cache entry per call shape, whatever its slices, so max_graphs=1 still traces.
+    assert sorted(traced) == [1, 2] and sliced.backend.cached_graphs == 1
     torch.testing.assert_close(whole.sample(lr, generator=_seeded(4)), expected, rtol=1e-4, atol=1e-4)
     assert sorted(traced) == [1, 2, 5] and whole.backend.cached_graphs == 1
 
 
-def test_fused_on_cpu_counts_the_slices_of_one_call_as_one_sighting_of_their_shape(tiny_model, monkeypatch):
-    # Three slices of one image in a one-step plan are one call: no trace until a second call.
-    traced = []
-    real_freeze = fused._freeze
-    monkeypatch.setattr(fused, "_freeze", lambda *args: traced.append(args[1].shape) or real_freeze(*args))
+def test_fused_on_cpu_slices_each_batch_of_tiles(tiny_model, monkeypatch):
+    traced = _recording_freeze(monkeypatch)
+    options = dict(scale=4, tile=16, tile_overlap=4, max_memory=2**30)
+    eager = _engine(copy.deepcopy(tiny_model), **options)
+    sliced = _engine(copy.deepcopy(tiny_model), backend="fused", backend_options={"slice_bytes": 1}, **options)
+    lr = torch.rand(2, 3, 7, 9)
+    torch.testing.assert_close(sliced.sample(lr, generator=_seeded(4)), eager.sample(lr, generator=_seeded(4)),
+                               rtol=1e-4, atol=1e-4)
+    assert set(traced) == {1}
+
+
+def test_fused_on_cpu_traces_a_one_step_plan_on_a_sliced_batch_in_its_second_call_only(tiny_model, monkeypatch):
+    traced = _recording_freeze(monkeypatch)
     engine = _engine(copy.deepcopy(tiny_model), scale=4, backend="fused", sampler="mean",
                      backend_options={"slice_bytes": 1})
     eager = _engine(copy.deepcopy(tiny_model), scale=4, sampler="mean")
@@ -326,7 +343,7 @@ def test_fused_on_cpu_counts_the_slices_of_one_call_as_one_sighting_of_their_sha
     for calls in (1, 2):
         torch.testing.assert_close(engine.sample(lr, generator=_seeded(calls)),
                                    eager.sample(lr, generator=_seeded(calls)), rtol=1e-4, atol=1e-4)
-        assert len(traced) == calls - 1
+        assert traced == [1] * (calls - 1)
 
 
 @pytest.mark.parametrize("prediction, residual_scale", [("y0", None), ("v", None), ("v", 4.0)])

@@ -23,24 +23,27 @@ graph. The posterior step runs on the whole image, its noise drawn in the kernel
 seed for the whole image (or from the generator with `in_kernel_noise=False`).
 
 On the CPU there are no CUDA graphs: the model runs channels_last on whatever fused ops exist
-there (the C++ extension when built), traced once per (input shapes, dtypes) into a frozen
-TorchScript graph that the eager loop calls (`_FrozenDenoiser`, kept under the same
-`max_graphs` bound; the trace is made on the second denoiser call that meets a shape, so a
-shape seen once is not traced), and the backend says so once. A batch is run in slices of
-`images_per_call` images, so that the feature maps of a slice stay in the cache: at batch 4
-the bundled demo-x4 model at 256x256 (8 MiB a map in float32) waits on memory, and four
-calls of one image each were 1.36x faster than one call of four on 2 cores (32 MiB L3).
-`slice_bytes` bounds one full-resolution feature map of a slice, inner_channels x height x
-width values. Its default, 4 MiB, picked the fastest slice measured for the tiny config and
-demo-x4 at 32 to 256 pixels a side, or one within 3% of it (demo-x4 at 128x128: 2 images a
-call where 4 were 3% faster, 8 were 10% slower). A model without an SR3 `UNetConfig` runs
-every batch whole, as does `slice_bytes=None`. The graph runs the same operators as the
-module, so the output is the module's, but without Python and module-call overhead between
-them: on 2 cores that made a denoiser call of the tiny config at batch 1 1.6-2x faster and
-one of demo-x4 at 256x256 about 14% faster. Weights are frozen into the graph, so the model
-must not change once the engine has sampled. TorchScript is deprecated by PyTorch; what
-replaces it measured slower here (torch.export's module: no gain over eager; Inductor with
-its C++ wrapper and frozen weights: 8.7 ms a call against 5.9 ms, after 47 s of compiling).
+there (the C++ extension when built), traced once per (input shapes, dtypes) of a denoiser
+call into frozen TorchScript graphs that the eager loop calls (`_FrozenDenoiser`, kept under
+the same `max_graphs` bound; the trace is made in the second call of a shape, so a shape seen
+once is not traced), and the backend says so once. A call's batch runs in ceil(batch /
+`images_per_call`) near-equal slices, so that the feature maps of a slice stay in the cache:
+at batch 4 the bundled demo-x4 model at 256x256 (8 MiB a map in float32) waits on memory, and
+four calls of one image each were 1.36x faster than one call of four on 2 cores (32 MiB L3).
+`slice_bytes` bounds one full-resolution feature map of a slice, inner_channels x
+channel_mults[0] x height x width values. Its default, 4 MiB, picked the fastest slice
+measured for the tiny config and demo-x4 at 32 to 256 pixels a side, or one within 3% of it
+(demo-x4 at 128x128: 2 images a call where 4 were 3% faster, 8 were 10% slower). A model
+without a `UNetConfig` runs every batch whole, as does `slice_bytes=None`. Tiled, every call
+on a batch of tiles counts toward the trace, so a one-step plan is traced once two calls of a
+step share a shape. The graphs run the same operators as the module, so the output is the
+module's (to float32 rounding, which the slice size can change), but without Python and
+module-call overhead between them: on 2 cores that made a denoiser call of the tiny config
+at batch 1 1.6-2x faster and one of demo-x4 at 256x256 about 14% faster. Weights are frozen
+into the graphs, so the model must not change once the engine has sampled. TorchScript is
+deprecated by PyTorch; what replaces it measured slower here (torch.export's module: no gain
+over eager; Inductor with its C++ wrapper and frozen weights: 8.7 ms a call against 5.9 ms,
+after 47 s of compiling; with frozen weights on demo-x4 at 256x256, 363 ms against 354).
 """
 
 from __future__ import annotations
@@ -49,9 +52,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
-import itertools
 import logging
-import sys
 import warnings
 from typing import Callable
 
@@ -59,6 +60,7 @@ import torch
 import torch.nn as nn
 
 from ... import ops
+from ...config import UNetConfig
 from ...diffusion import generator_device, randn
 from ...samplers import (GeneratorNoise, GivenNoise, SamplingPlan, SeededNoise, StepCallback, level_tensors,
                          raise_if_nonfinite, run_steps)
@@ -68,7 +70,7 @@ from .base import BackendUnavailableError, run_eagerly
 
 logger = logging.getLogger(__name__)
 
-# The largest full-resolution feature map (inner_channels x height x width) of one CPU call.
+# The largest full-resolution feature map of a slice of a CPU call (see the module docstring).
 DEFAULT_SLICE_BYTES = 4 << 20
 
 
@@ -97,29 +99,30 @@ class _CapturedDenoiser:
     out: torch.Tensor
 
 
-DenoiserInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+_DenoiserInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class _FrozenDenoiser:
-    """The model for one set of input shapes and dtypes on the CPU: run as it is in the first
-    denoiser call that meets the shape, traced and frozen in the second, the frozen graph in
-    every later one. A shape that one call meets several times (a batch run in slices) counts
-    once, so a shape of a single call (a one-step plan such as "mean", a last odd-sized batch)
-    never pays for a trace that costs more than the call itself (about 1.2 s against 0.6 s for
-    demo-x4 at 256x256)."""
+    """The model for one set of denoiser-call input shapes and dtypes on the CPU, applied to the
+    call's slices (of at most two sizes): run as it is in the first call, traced and frozen in
+    the second (a graph per slice size), the frozen graphs in every later one. A shape seen
+    once (a one-step plan such as "mean", a last odd-sized batch) never pays for a trace that
+    costs more than the call itself (about 1.2 s against 0.6 s for demo-x4 at 256x256)."""
 
     def __init__(self, model: nn.Module):
         self._model = model
         self._called = False
-        self._graph: torch.jit.ScriptModule | None = None
+        self._graphs: dict[int, torch.jit.ScriptModule] = {}
 
-    def __call__(self, slices: list[DenoiserInputs]) -> list[torch.Tensor]:
-        """eps of each slice (all of this denoiser's shapes) of one denoiser call."""
-        if self._graph is None and self._called:
-            self._graph = _freeze(self._model, *slices[0])
+    def __call__(self, slices: list[_DenoiserInputs]) -> torch.Tensor:
+        """eps of the whole call: of each slice, in order, concatenated."""
+        if self._called and not self._graphs:
+            for inputs in slices:
+                if len(inputs[0]) not in self._graphs:
+                    self._graphs[len(inputs[0])] = _freeze(self._model, *inputs)
         self._called = True
-        run = self._graph if self._graph is not None else self._model
-        return [run(*inputs) for inputs in slices]
+        eps = [self._graphs.get(len(inputs[0]), self._model)(*inputs) for inputs in slices]
+        return eps[0] if len(eps) == 1 else torch.cat(eps)
 
 
 def _freeze(model: nn.Module, x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor
@@ -209,27 +212,28 @@ class FusedBackend:
                 callback(i, plan.num_steps, y0)
         return y0
 
-    def images_per_call(self, height: int, width: int) -> int:
-        """How many images of `height` x `width` one call of the model takes on the CPU: as many
-        as keep a full-resolution feature map within `slice_bytes`, at least one."""
-        channels = getattr(getattr(self.model, "config", None), "inner_channels", None)
-        if self.slice_bytes is None or channels is None:
-            return sys.maxsize
-        map_bytes = channels * height * width * self.dtype.itemsize
+    def images_per_call(self, height: int, width: int) -> int | None:
+        """How many images one denoiser call of the model takes on the CPU, for inputs of `height`
+        x `width` (the output size padded to the model's size multiple, or the tile size when
+        tiled): as many as keep a full-resolution feature map within `slice_bytes`, at least one.
+        None: whole batches (on CUDA, with `slice_bytes=None`, or for a model without a UNetConfig)."""
+        config = getattr(self.model, "config", None)
+        if self.device.type == "cuda" or self.slice_bytes is None or not isinstance(config, UNetConfig):
+            return None
+        map_bytes = config.inner_channels * max(1, config.channel_mults[0]) * height * width * self.dtype.itemsize
         return max(1, self.slice_bytes // map_bytes)
 
     def _frozen_denoise(self, x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
         y_t = y_t.contiguous(memory_format=torch.channels_last)
-        batch = x_up.shape[0]
-        pieces = -(-batch // min(batch, self.images_per_call(*x_up.shape[-2:])))
-        # tensor_split gives at most two slice sizes, the larger first: one frozen graph each.
-        slices = list(zip(*(t.tensor_split(pieces) for t in (x_up, y_t, noise_level))))
-        eps = []
-        for _, same_shape in itertools.groupby(slices, key=lambda inputs: inputs[0].shape[0]):
-            same_shape = list(same_shape)
-            key = ("frozen",) + tuple((tuple(t.shape), t.dtype) for t in same_shape[0])
-            eps += self._cached(key, lambda: _FrozenDenoiser(self.model))(same_shape)
-        return eps[0] if len(eps) == 1 else torch.cat(eps)
+        inputs = (x_up, y_t, noise_level)
+        key = ("frozen",) + tuple((tuple(t.shape), t.dtype) for t in inputs)
+        per_call = self.images_per_call(*x_up.shape[-2:])
+        if per_call is None or x_up.shape[0] <= per_call:
+            slices = [inputs]
+        else:
+            # tensor_split: the larger slices first, of at most two sizes.
+            slices = list(zip(*(t.tensor_split(-(-x_up.shape[0] // per_call)) for t in inputs)))
+        return self._cached(key, lambda: _FrozenDenoiser(self.model))(slices)
 
     def _run_tiled(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, tiles: TileGrid, *,
                    generator: torch.Generator | None, callback: StepCallback | None) -> torch.Tensor:
