@@ -58,7 +58,7 @@ check-triton: install
 	env -u TRITON_INTERPRET $(PY) -m sr3_engine.kernels.compile_check --arch 90 80
 
 # The CPU suite (tiny config and demo-x4, every backend side by side, about 30 minutes on 2 cores), then its
-# section and chart in bench/RESULTS.md. On a GPU machine see README.md, "Benchmarks".
+# section and chart in bench/RESULTS.md. On a GPU machine see docs/BENCHMARKS.md.
 BENCH_JSON ?= .benchmarks/bench-cpu.json
 # Eager and compiled bf16 are left out: on a CPU without AVX-512 BF16 their convolutions are
 # emulated, a demo-x4 row takes many minutes, and no comparison the suite reports depends on them.

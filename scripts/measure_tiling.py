@@ -3,8 +3,8 @@
 For each input side (default 256, 512, 1024) a fresh process upscales one photo of that size
 (scikit-image's astronaut, resized) x4 with the bundled demo-x4 model and its default sampler
 on a schedule respaced to `--steps` (default 5). Either way one denoising step runs: the
-default is the posterior mean, one step whatever the schedule (the README's figures were
-taken with the stage-4 model, whose DDIM at strength 0.2 ran one step of 5); a sampler of N
+default is the posterior mean, one step whatever the schedule (the figures in docs/TILING.md
+were taken with the stage-4 model, whose DDIM at strength 0.2 ran one step of 5); a sampler of N
 steps takes N times as long on the CPU and needs the same memory. It reports its peak
 resident memory (ru_maxrss) and wall time; then, for the smallest size, the untiled output and
 one tiled at 512 output pixels are cut across a tile border and saved side by side (untiled |

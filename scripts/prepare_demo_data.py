@@ -6,7 +6,8 @@ mate-backgrounds, fetched with `apt-get download` and unpacked without installin
 Large wallpapers are downscaled (antialiased) so that a training crop holds detail
 rather than out-of-focus blur. Photos are stored as BMP: a training step crops 16 of them,
 and decoding a whole PNG for each 64-pixel crop took most of a CPU step. The held-out set never reaches training: it is used for
-validation, the schedule search and the README figures, and the demo photo comes from it.
+validation, the schedule search and the held-out figures (README.md, docs/DEMO.md), and the
+demo photo comes from it.
 
     python scripts/prepare_demo_data.py --out data/demo
 """

@@ -4,8 +4,8 @@ The photo is a 64x64 crop of scikit-image's "chelsea", made from its 256x256 ori
 exactly as training inputs are made; the demo model never saw that photo. The demo
 writes the SR3 output and a side-by-side sheet (LR nearest-upscaled | bicubic | SR3 | HR)
 and prints where they are, how long sampling took and how the output scores against
-bicubic on this one photo (PSNR, SSIM and detail: one photo, one draw; README and the model's
-RECIPE.md give the held-out figures).
+bicubic on this one photo (PSNR, SSIM and detail: one photo, one draw; README.md,
+docs/DEMO.md and the model's RECIPE.md give the held-out figures).
 """
 
 from __future__ import annotations
