@@ -10,6 +10,8 @@ import argparse
 import copy
 import json
 import math
+import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -195,6 +197,39 @@ def test_refusals_name_the_file_and_write_nothing(tmp_path, original, capsys, br
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
+
+def test_a_config_asking_for_another_network_is_refused_before_it_is_built(tmp_path, original, capsys, monkeypatch):
+    checkpoint, config = _their_files(tmp_path, original)
+    config.write_text(config.read_text().replace('"inner_channel": 16', '"inner_channel": 100000'))
+    real = sr3.SR3UNet
+
+    def only_on_meta(unet):
+        assert torch.get_default_device().type == "meta", "a 160 GB network was allocated before the check"
+        return real(unet)
+
+    monkeypatch.setattr(convert, "SR3UNet", only_on_meta)
+    monkeypatch.setattr(model_dir, "SR3UNet", only_on_meta)
+    out = tmp_path / "out"
+    assert main(["convert", str(checkpoint), "--config", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {checkpoint}: does not fit the config's network (noise_level_mlp.1.weight is "
+                          "[64, 16], not [400000, 100000]; ")
+    assert re.search(r"; and [\d,]+ more differences\)\n$", err) and err.count("\n") == 1 and len(err) < 300
+    assert not out.exists()
+
+
+def test_a_compressed_checkpoint_is_refused_rather_than_inflated(tmp_path, original, capsys):
+    checkpoint, config = _their_files(tmp_path, original)
+    packed = tmp_path / "I1000_E3_packed_gen.pth"
+    with zipfile.ZipFile(checkpoint) as source, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info.filename))
+    # torch.load itself inflates it: the refusal is convert's.
+    assert torch.load(packed, weights_only=True).keys() == torch.load(checkpoint, weights_only=True).keys()
+    assert main(["convert", str(packed), "--config", str(config), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"error: {packed}: holds compressed records, which torch.save never writes; "
+                                       "refused rather than inflated\n")
+    assert not (tmp_path / "out").exists()
 
 def test_loading_a_pth_says_how_to_convert_it(tmp_path, original):
     checkpoint, _ = _their_files(tmp_path, original)

@@ -139,6 +139,22 @@ def test_init_from_a_model_of_another_architecture_is_refused(images, tmp_path, 
     assert err[-1].startswith("error: --init-from: ") and "not --config's" in err[-1]
 
 
+def test_init_from_weights_that_do_not_fit_the_network_is_refused_before_it_is_built(images, tmp_path, capsys,
+                                                                                      monkeypatch):
+    # --config and the directory's config.json agree on a network 100000 channels wide (160 GB of
+    # float32 weights); its model.safetensors holds tiny's.
+    wide = sr3.UNetConfig.from_dict({**sr3.UNetConfig.named("tiny").to_dict(), "inner_channels": 100_000})
+    (tmp_path / "wide.json").write_text(json.dumps(wide.to_dict()))
+    spec = model_dir.ModelSpec(wide, sr3.ScheduleConfig("linear", 8, 1e-4, 0.1), sr3.SamplerConfig(), 4)
+    model_dir.write(tmp_path / "init", sr3.SR3UNet(sr3.UNetConfig.named("tiny")).state_dict(), spec)
+    monkeypatch.setattr(train, "build_run", lambda *args: pytest.fail("the network was built"))
+    assert train.main([*TINY, "--config", str(tmp_path / "wide.json"), "--data", str(images), "--steps", "1",
+                       "--out", str(tmp_path / "out"), "--init-from", str(tmp_path / "init")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: --init-from: {tmp_path / 'init' / 'model.safetensors'}: does not match "
+                              "config.json (noise_level_mlp.1.weight is [64, 16], not [400000, 100000]; ")
+    assert len(err[-1]) < 300
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_killed_and_resumed_run_ends_bit_identical(images, tmp_path, workers):
     # Dropout and blur make every source of randomness count. The op backend is named: with `auto`

@@ -240,7 +240,7 @@ def initial_weights(name_or_path: str, config: UNetConfig) -> dict[str, torch.Te
                                            residual_scale=config.residual_scale)
         if same_network != config:
             raise ValueError(f"{directory}: its network is not --config's; --init-from needs the same architecture")
-        return model_dir.read_weights(directory)
+        return model_dir.read_weights(directory, config)
     except (OSError, ValueError) as error:
         raise UsageError(f"--init-from: {error}") from None
 

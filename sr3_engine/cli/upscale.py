@@ -282,8 +282,9 @@ def load_engine(args: argparse.Namespace, device: torch.device, show_progress: b
         raise UsageError(f"--backend {args.backend}: {error}") from None
     except (OSError, ValueError) as error:
         raise UsageError(one_line(error)) from None
-    # load_state_dict reports weights that do not fit the config as a multi-line RuntimeError;
-    # a config that asks for a network larger than memory fails while it is built.
+    # Weights that do not fit config.json are refused (ValueError) before any network is built;
+    # a network as large as its weights file can still be larger than memory, and fail while it
+    # is built or moved to the device.
     except (RuntimeError, TypeError, MemoryError) as error:
         raise UsageError(f"{args.model}: cannot load the model ({one_line(error)})") from None
     if args.steps is not None:

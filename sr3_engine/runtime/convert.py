@@ -9,11 +9,15 @@ the scale. Its condition is PIL's bicubic on 8-bit images, so converted models r
 `pil-bicubic` resampler and are served with the condition they were trained on.
 
 The file is read with `torch.load(weights_only=True)` and nothing else: a file that needs
-more unpickling is refused. The schedule buffers are checked against each other and against
-the config, then dropped; the training schedule they hold is kept in the model directory's
-`train_schedule` entry, and the default inference schedule is `INFERENCE_STEPS` steps
-respaced from the config's `val` schedule (the same noise levels, 20x fewer steps than the
-usual 2000).
+more unpickling is refused. A .pth has no header short of that (restricted) unpickling, so its
+tensors are loaded, which takes no more memory than the file's size (compressed records, which
+torch.save never writes and which could inflate far past it, are refused first), and their
+names and shapes are checked against the network the config describes
+(`model_dir.shape_mismatch`, one short line) before that network is built. The schedule buffers are checked against each other and
+against the config, then dropped; the training schedule they hold is kept in the model
+directory's `train_schedule` entry, and the default inference schedule is `INFERENCE_STEPS`
+steps respaced from the config's `val` schedule (the same noise levels, 20x fewer steps than
+the usual 2000).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import dataclasses
 import json
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -113,6 +118,18 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         raise ConvertError(f"{path}: an optimizer state (_opt.pth); convert the matching _gen.pth file")
     if not path.is_file():
         raise ConvertError(f"{path}: no such file")
+    # torch.save stores its records uncompressed; a compressed one could inflate to far more
+    # memory than the file's size, so it is refused before anything is read.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist())
+    except zipfile.BadZipFile:
+        packed = False  # torch's legacy format, whose storages are read from the file and stop at its end
+    except OSError as error:
+        raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({one_line(error)})") from None
+    if packed:
+        raise ConvertError(f"{path}: holds compressed records, which torch.save never writes; refused rather than "
+                           "inflated")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -356,12 +373,15 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, *, config: st
     train = training_schedule(buffers, configured, checkpoint, config_path)
     if config_path is None:
         inferred.append("training schedule from the schedule buffers")
+    # Checked before the network is built: a config asking for a network larger than the
+    # checkpoint's tensors would otherwise be allocated first.
+    mismatch = model_dir.shape_mismatch(model_dir.parameter_shapes(unet),
+                                        {name: tuple(value.shape) for name, value in weights.items()})
+    if mismatch is not None:
+        network = "the config's network" if config_path else "the inferred network"
+        raise ConvertError(f"{checkpoint}: does not fit {network} ({mismatch})")
     model = SR3UNet(unet)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        raise ConvertError(f"{checkpoint}: does not fit {config_path or 'the inferred architecture'} "
-                           f"({one_line(error)})") from None
+    model.load_state_dict(weights)
     base = configured.get("val", train)
     if base is None:
         raise ConvertError(f"{checkpoint}: no schedule buffers and no --config: nothing says the noise schedule")

@@ -11,8 +11,13 @@
 The engine (`from_pretrained`/`save_pretrained`), training checkpoints, export and the
 commands read and write model directories through this module. Reading validates every
 entry and turns any problem into one `ValueError` or `FileNotFoundError` line that names the
-file and the field; nothing is unpickled. Each file is written to a temporary name and
-renamed (`write`); `replace` swaps a whole directory in, so a reader never sees a mix of
+file and the field; nothing is unpickled. The weights are checked against config.json before
+any network is built or any tensor is read: the safetensors header (at most
+`MAX_HEADER_BYTES`) must name exactly the parameters of config.json's network with their
+shapes (read off the network built on the meta device, which allocates nothing), and the file
+must hold their bytes in the dtypes it declares; so a config.json edited to ask for another or
+a larger network is refused in one short line instead of allocated. Each file is written to a
+temporary name and renamed (`write`); `replace` swaps a whole directory in, so a reader never sees a mix of
 two versions. Models bundled with the package live under `sr3_engine/assets/<name>/` and
 can be named instead of a path.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -42,6 +48,14 @@ FORMAT_NAME = "sr3_engine"
 FORMAT_VERSION = 1
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 MAX_SCALE = 32
+# demo-x4's header is 19 KB for 187 tensors: 16 MiB describes some 150,000, far past any U-Net here,
+# and bounds what a hostile header length makes us read (safetensors' own bound is 100 MB).
+MAX_HEADER_BYTES = 16 * 2**20
+# The float dtypes a weights file may store (safetensors' names), in bytes per element.
+FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+# A mismatch names the first differences that fit in this many characters (one at least) and
+# counts the rest, so its line stays short whatever the config asks for.
+SHOWN_CHARS = 140
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,25 +147,113 @@ def read_spec(directory: Path) -> ModelSpec:
         raise ValueError(f"{path}: {one_line(error)}") from None
 
 
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def parameter_shapes(config: UNetConfig) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the state_dict of `config`'s network, without allocating it."""
+    with torch.device("meta"):
+        model = SR3UNet(config)
+    return {name: tuple(value.shape) for name, value in model.state_dict().items()}
+
+
+def _shown(text: str, limit: int = 48) -> str:
+    # Names come from a file that may be hostile: escaped to stay on one line, and clipped.
+    text = ascii(text)[1:-1]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def shape_mismatch(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> str | None:
+    """None when `found` has exactly `expected`'s names and shapes; else the first differences
+    (in `expected`'s order, then the unexpected names) and how many more there are."""
+    differences = []
+    for name, shape in expected.items():
+        if name not in found:
+            differences.append(f"missing {_shown(name)}")
+        elif tuple(found[name]) != shape:
+            differences.append(f"{_shown(name)} is {_shown(str(list(found[name])), 24)}, not {list(shape)}")
+    differences += [f"unexpected {_shown(name)}" for name in found if name not in expected]
+    if not differences:
+        return None
+    shown = 1
+    while shown < len(differences) and len("; ".join(differences[:shown + 1])) <= SHOWN_CHARS:
+        shown += 1
+    more = len(differences) - shown
+    return "; ".join(differences[:shown]) + (f"; and {more:,} more differences" if more else "")
+
+
+def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], int]:
+    """The dtype and shape of every tensor of a safetensors file, and how many bytes of tensor
+    data follow the header, read without reading any tensor."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: not a readable safetensors file (shorter than the 8 bytes of its header length)")
+        length = int.from_bytes(prefix, "little")
+        if length > MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: declares a {length:,}-byte safetensors header; more than the "
+                             f"{MAX_HEADER_BYTES:,} bytes read")
+        if 8 + length > size:
+            raise ValueError(f"{path}: not a readable safetensors file (a {length:,}-byte header declared in "
+                             f"{size:,} bytes)")
+        raw = file.read(length)
+    try:
+        header = json.loads(raw)
+    # ValueError holds JSON and UTF-8 errors and numbers too long to convert; RecursionError, nesting.
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file (its header is not valid JSON: "
+                         f"{one_line(error)})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{path}: {_shown(name)}: dtype {_shown(str(dtype), 24)} is not one of "
+                             f"{sorted(FLOAT_DTYPES)}")
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            raise ValueError(f"{path}: {_shown(name)}: shape {_shown(str(shape), 24)} is not a list of sizes")
+        tensors[name] = (dtype, tuple(shape))
+    return tensors, size - 8 - length
+
+
+def read_weights(directory: Path, config: UNetConfig) -> dict[str, torch.Tensor]:
+    """model.safetensors of `directory`, refused before any tensor is read unless its header
+    names exactly the parameters of `config`'s network with their shapes and the file holds
+    their bytes."""
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    tensors, data_bytes = read_header(path)
+    expected = parameter_shapes(config)
+    mismatch = shape_mismatch(expected, {name: shape for name, (_, shape) in tensors.items()})
+    if mismatch is not None:
+        raise ValueError(f"{path}: does not match {CONFIG_FILE} ({mismatch})")
+    # The header's shapes are only claims: their bytes must be in the file too, counted in the
+    # dtypes the header gives them (a float16 file holds half the bytes of float32 parameters).
+    needed = sum(math.prod(shape) * FLOAT_DTYPES[tensors[name][0]] for name, shape in expected.items())
+    if needed > data_bytes:
+        raise ValueError(f"{path}: {CONFIG_FILE}'s network needs {needed:,} bytes of weights in the dtypes the "
+                         f"header gives; the file holds {data_bytes:,}")
     try:
-        return load_file(str(path), device="cpu")
+        weights = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    # The file may have been replaced since its header was read.
+    mismatch = shape_mismatch(expected, {name: tuple(value.shape) for name, value in weights.items()})
+    if mismatch is not None:
+        raise ValueError(f"{path}: does not match {CONFIG_FILE} ({mismatch})")
+    return weights
 
 
 def load(name_or_path: str | os.PathLike) -> tuple[SR3UNet, ModelSpec]:
     """The float32 U-Net on the CPU, with its weights, and the directory's spec."""
     directory = resolve(name_or_path)
     spec = read_spec(directory)
+    weights = read_weights(directory, spec.model)
     model = SR3UNet(spec.model)
-    try:
-        model.load_state_dict(read_weights(directory))
-    except RuntimeError as error:
-        raise ValueError(f"{directory / WEIGHTS_FILE}: does not match {CONFIG_FILE} ({one_line(error)})") from None
+    model.load_state_dict(weights)
     return model, spec
 
 
