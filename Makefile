@@ -17,7 +17,7 @@ CUDA_ARCH ?= sm_90
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 EXT_SOURCES := CMakeLists.txt $(shell find csrc cmake -type f 2>/dev/null)
 
-.PHONY: install test test-all check-cuda check-triton demo bench gpu-check clean
+.PHONY: install test test-slow test-all check-cuda check-triton demo bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ $(VENV)/.installed: $(PY) pyproject.toml setup.py $(EXT_SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install --upgrade "setuptools>=64" wheel "pybind11>=2.12"
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install "$(TRITON_SPEC)"
-	$(PY) -m pip install --no-build-isolation -e ".[test,export]"
+	$(PY) -m pip install --no-build-isolation -e ".[test,export,serve,ray]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -34,6 +34,11 @@ install: $(VENV)/.installed
 test: install check-cuda check-triton
 	SR3_ENGINE_REQUIRE_EXT=1 TRITON_INTERPRET=$${TRITON_INTERPRET:-$(TRITON_INTERPRET_DEFAULT)} \
 		$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# The slow tests alone: CI runs them after `make test`, so that together they are `make test-all`.
+test-slow: install
+	SR3_ENGINE_REQUIRE_EXT=1 TRITON_INTERPRET=$${TRITON_INTERPRET:-$(TRITON_INTERPRET_DEFAULT)} \
+		$(PY) -m pytest -q -m slow tests
 
 test-all: install check-cuda check-triton
 	SR3_ENGINE_REQUIRE_EXT=1 TRITON_INTERPRET=$${TRITON_INTERPRET:-$(TRITON_INTERPRET_DEFAULT)} \

@@ -13,11 +13,13 @@ in this order, each stage with its own time limit so that a slow one cannot eat 
    and fused bf16, with peak memory;
 5. compile: the same for compile bf16 (torch.compile's default mode: max-autotune does not fit
    the time), a stage of its own so that a slow compile loses no other figure;
-6. report: `bench.report --print` of the benchmark files.
+6. serve: the load benchmark (`bench.load`) on demo-x4, fused bf16: the serving scheduler against
+   one `engine.sample` at a time and a batcher of whole requests, with a short mix;
+7. report: `bench.report --print` of the benchmark files.
 
 Everything goes to `--out` (default $OUT, else gpu-check-out/): gpu-check.log (every stage's
-output), gpu-tests.xml, gpu-ops.json, gpu-sample.json, gpu-compile.json, gpu-report.md and
-gpu-check.json (the stages and the table): seven files. The short table is printed last. Back
+output), gpu-tests.xml, gpu-ops.json, gpu-sample.json, gpu-compile.json, gpu-load.json,
+gpu-report.md and gpu-check.json (the stages and the table): eight files. The short table is printed last. Back
 on a development machine, `python -m bench.report OUT/gpu-ops.json OUT/gpu-sample.json
 OUT/gpu-compile.json` writes the RESULTS.md section.
 """
@@ -45,6 +47,7 @@ OPS_SELECTION = ("group_norm_silu and (16x64x128x128 or 16x192x128x128 or 1x128x
 SAMPLE_SELECTION = "test_sample and (eager-fp32 or eager-bf16 or fused-bf16) and (batch1] or batch16])"
 COMPILE_SELECTION = "test_sample and compile-bf16 and (batch1] or batch16])"
 BENCH_FILES = ("gpu-ops.json", "gpu-sample.json", "gpu-compile.json")
+LOAD_FILE = "gpu-load.json"
 # The machine's per-command limit is 10 minutes and the check must fit 8 with its start-up.
 BUDGET_S = 480
 
@@ -62,18 +65,20 @@ def stages(out: Path, python: str, install: bool) -> list[Stage]:
              "--benchmark-min-rounds", "2", "--benchmark-max-time", "0.5")
     planned = [
         Stage("correctness", (python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
-                              "--junitxml", str(out / "gpu-tests.xml"), *CORRECTNESS_TESTS), 110),
+                              "--junitxml", str(out / "gpu-tests.xml"), *CORRECTNESS_TESTS), 100),
         Stage("ops", (*bench, "bench/test_ops.py", "-k", OPS_SELECTION, "--benchmark-json",
                       str(out / "gpu-ops.json")), 40),
         Stage("sample", (*bench, "bench/test_sample.py", "-k", SAMPLE_SELECTION, "--benchmark-json",
-                         str(out / "gpu-sample.json")), 100),
+                         str(out / "gpu-sample.json")), 90),
         Stage("compile", (*bench, "bench/test_sample.py", "-k", COMPILE_SELECTION, "--compile-mode", "default",
                           "--benchmark-json", str(out / "gpu-compile.json")), 70),
     ]
     if install:
         planned.insert(0, Stage("install", (python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                                            "-e", "."), 150,
+                                            "-e", "."), 135,
                                 (("CMAKE_ARGS", "-DCMAKE_CUDA_ARCHITECTURES=90"), ("SR3_ENGINE_REQUIRE_EXT", "1"))))
+    planned.append(Stage("serve", (python, "-m", "bench.load", "--device", "cuda", "--dtype", "bf16", "--seconds", "8",
+                                   "--rounds", "5", "--json", str(out / LOAD_FILE)), 45))
     return planned
 
 
@@ -113,6 +118,15 @@ def table(out: Path) -> list[str]:
                 lines.append(f"{row['name']:<62} {median:10.3f} s   {info.get('images_per_s', 0):8.2f} img/s  "
                              f"{info.get('roofline_fraction', 0):6.1%} roofline"
                              + (f"  peak {peak / 2**30:.2f} GiB" if peak is not None else ""))
+    load = out / LOAD_FILE
+    if load.is_file():
+        result = json.loads(load.read_text())
+        for scenario, modes in result.get("scenarios", {}).items():
+            lines.append(f"load {scenario}: " + ", ".join(f"{mode} {row['throughput_mp_s']:.2f} MP/s"
+                                                          for mode, row in modes.items()))
+        lines += [f"load {name}: {value}" for name, value in result.get("figures", {}).items()]
+    else:
+        lines.append(f"{LOAD_FILE}: missing (its stage did not finish)")
     return lines
 
 

@@ -135,7 +135,12 @@ def condition(lr: torch.Tensor, scale: int, size_multiple: int = 1, resampler: s
     else:
         x_up = resize.upsample(lr, scale, resampler) * 2.0 - 1.0
     height, width = x_up.shape[-2:]
-    pad_h, pad_w = (-height) % size_multiple, (-width) % size_multiple
+    return pad_to(x_up, height + (-height) % size_multiple, width + (-width) % size_multiple)
+
+
+def pad_to(x_up: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """x_up (B, C, h, w) grown to at least height x width by replicating its last row and column."""
+    pad_h, pad_w = max(0, height - x_up.shape[-2]), max(0, width - x_up.shape[-1])
     if pad_h or pad_w:
         x_up = F.pad(x_up, (0, pad_w, 0, pad_h), mode="replicate")
     return x_up

@@ -29,6 +29,7 @@ the lock with the process) without touching one that a running process is writin
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import secrets
@@ -36,7 +37,7 @@ import stat
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -73,6 +74,14 @@ class ImageError(ValueError):
         self.path = Path(path)
         self.reason = " ".join(reason.split())
         super().__init__(f"{self.path}: {self.reason}")
+
+
+class ImageFormatError(ImageError):
+    """The data is not in one of the formats decoded (`INPUT_FORMATS`)."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image has more pixels than allowed (the decompression-bomb guard)."""
 
 
 class ImageWarning(UserWarning):
@@ -220,10 +229,32 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
 def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode `path` fully into an 8-bit 'RGB' or 'RGBA' image, upright per its EXIF
     orientation. `max_pixels` (None: no limit) rejects larger images before decoding them.
-    Raises ImageError for anything that is not a usable image; warns ImageWarning when only
-    the first of several frames is used, or when Pillow skipped damaged metadata."""
+    Raises ImageError for anything that is not a usable image (ImageFormatError for an unknown
+    format, ImageTooLargeError over `max_pixels`); warns ImageWarning when only the first of
+    several frames is used, or when Pillow skipped damaged metadata."""
     path = Path(path)
     check_file(path)
+
+    def head() -> bytes:
+        try:
+            with path.open("rb") as file:
+                return file.read(12)
+        except OSError:
+            return b""
+
+    return _decode(path, path, head, max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, *, name: str = "upload") -> Image.Image:
+    """`load_image` for image bytes held in memory (an upload): the same formats, guards and
+    errors, which name the data `name`."""
+    if not data:
+        raise ImageError(name, "empty data (0 bytes)")
+    return _decode(io.BytesIO(data), name, lambda: bytes(data[:12]), max_pixels)
+
+
+def _decode(source: Path | BinaryIO, name: str | os.PathLike, head: Callable[[], bytes],
+            max_pixels: int | None) -> Image.Image:
     skipped_metadata: list[str] = []
 
     def skip_metadata(message: Warning) -> None:
@@ -233,7 +264,7 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         # Headers and metadata are parsed under the lock on shared state; decoding, the slow
         # part, runs outside it so that threads can decode in parallel.
         with _shared_state(skip_metadata), _pixel_limit(max_pixels):
-            opened = Image.open(path, formats=INPUT_FORMATS)
+            opened = Image.open(source, formats=INPUT_FORMATS)
         with opened:
             # Counted before decoding: counting seeks through a TIFF's pages, and a seek
             # after decoding would make the first frame decode again.
@@ -243,24 +274,27 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
             with _shared_state(skip_metadata):
                 upright = ImageOps.exif_transpose(opened)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(path, f"larger than the limit of {max_pixels} pixels (decompression-bomb guard)") from None
+        raise ImageTooLargeError(name, f"larger than the limit of {max_pixels} pixels (decompression-bomb guard)"
+                                 ) from None
     except UnidentifiedImageError:
-        raise ImageError(path, _unidentified_reason(path)) from None
+        reason = _unidentified_reason(head())
+        error = ImageError if reason.startswith("corrupt") else ImageFormatError
+        raise error(name, reason) from None
     # Pillow's decoders raise a grab-bag of exception types on malformed data (OSError,
     # SyntaxError, struct.error, IndexError, ...); each of them means this file is unusable.
     except Exception as error:
-        raise ImageError(path, f"corrupt or truncated image data ({_describe(error)})") from None
+        raise ImageError(name, f"corrupt or truncated image data ({_describe(error)})") from None
     if upright.width == 0 or upright.height == 0:
-        raise ImageError(path, f"the image has no pixels ({upright.width}x{upright.height})")
+        raise ImageError(name, f"the image has no pixels ({upright.width}x{upright.height})")
     try:
         image = to_rgb_or_rgba(upright)
     except ValueError as error:
-        raise ImageError(path, f"unsupported pixel format {upright.mode} ({_describe(error)})") from None
+        raise ImageError(name, f"unsupported pixel format {upright.mode} ({_describe(error)})") from None
     if frames > 1:
-        warnings.warn(ImageWarning(path, f"has {frames} frames (a multi-page or animated image); "
-                                         "only the first is used"), stacklevel=2)
+        warnings.warn(ImageWarning(name, f"has {frames} frames (a multi-page or animated image); "
+                                         "only the first is used"), stacklevel=3)
     if skipped_metadata:
-        warnings.warn(ImageWarning(path, f"damaged metadata skipped ({skipped_metadata[0]})"), stacklevel=2)
+        warnings.warn(ImageWarning(name, f"damaged metadata skipped ({skipped_metadata[0]})"), stacklevel=3)
     return image
 
 
@@ -334,14 +368,9 @@ def _pixel_limit(max_pixels: int | None) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = previous
 
 
-def _unidentified_reason(path: Path) -> str:
-    # Pillow reports a file whose header it cannot parse exactly like a file in an unknown
-    # format; the signature tells the user which of the two they have.
-    try:
-        with path.open("rb") as file:
-            head = file.read(12)
-    except OSError:
-        head = b""
+def _unidentified_reason(head: bytes) -> str:
+    # Pillow reports data whose header it cannot parse exactly like data in an unknown
+    # format; the signature (the first 12 bytes) tells the user which of the two they have.
     for signature, name in _SIGNATURES:
         if head.startswith(signature) and (name != "WebP" or head[8:12] == b"WEBP"):
             return f"corrupt {name} file (it starts like one, but its header cannot be parsed)"
@@ -367,6 +396,13 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         return " ".join(error.strerror.split())
     return one_line(error)
+
+
+def outscaled(image: Image.Image, input_size: tuple[int, int], outscale: float) -> Image.Image:
+    """A model's output resized (LANCZOS) to round(outscale x the input's size), as Real-ESRGAN's
+    --outscale does."""
+    size = (max(1, round(outscale * input_size[0])), max(1, round(outscale * input_size[1])))
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = True) -> Path:

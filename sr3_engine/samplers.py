@@ -28,9 +28,10 @@ previous y0_hat; its step is two calls of the same op: f -> y0_hat, then D -> y_
 A sampler is a planner: a small function (schedule, config) -> SamplingPlan, registered
 in `SAMPLERS`, the one list of sampler names. A plan holds the per-step scalars in
 float64, in the order they are applied (t = T down to 1). `sample` is the public entry
-point and `SR3Engine.sample` takes the same path (`sample_with`); every loop that runs a
-plan (the eager one here, the fused backend's captured one) is `run_steps`, and every
-step of it is `posterior_update`.
+point and `SR3Engine.sample` takes the same path (`sample_with`: `start_sampling`, a run,
+`finish_sampling`); every loop that runs a plan (the eager one here, the fused backend's
+captured one) is `run_steps`, and every step of it is `posterior_update`, which the serving
+scheduler also applies to each request, step by step, between batched denoiser calls.
 """
 
 from __future__ import annotations
@@ -361,25 +362,37 @@ class PlanRunner(Protocol):
                  generator: torch.Generator | None, callback: StepCallback | None) -> torch.Tensor: ...
 
 
-def sample_with(run: PlanRunner, x_up: torch.Tensor, schedule: NoiseSchedule, config: SamplerConfig, *,
-                prediction: str = "eps", residual_scale: float | None = None,
-                generator: torch.Generator | None = None, callback: StepCallback | None = None) -> torch.Tensor:
-    """Plan `config` over `schedule` for a `prediction` network, draw the initial state for
-    condition x_up from `generator` (pure noise, or the diffused condition when
-    config.strength < 1), let `run` apply the plan and return the image y0.
+def start_sampling(x_up: torch.Tensor, schedule: NoiseSchedule, config: SamplerConfig, *,
+                   prediction: str = "eps", residual_scale: float | None = None,
+                   generator: torch.Generator | None = None) -> tuple[SamplingPlan, torch.Tensor]:
+    """The plan of `config` over `schedule` for a `prediction` network and the initial state
+    for condition x_up, drawn from `generator` (pure noise, or the diffused condition when
+    config.strength < 1): what any runner of the reverse process starts from.
 
     For a residual model (`residual_scale`, see `diffusion.to_diffused`) the plan runs on the
     scaled residual and its y0_hat is not clipped, since the image's bounds are no fixed
-    interval there: the image is clamped to [-1, 1] at the end instead."""
+    interval there (`finish_sampling` clamps the image instead)."""
     plan = make_plan(schedule, config, prediction)
     if residual_scale is not None:
         plan = dataclasses.replace(plan, clip=False)
     start = to_diffused(x_up, x_up, residual_scale)
-    y_T = initial_state(plan, start, randn(tuple(x_up.shape), generator, x_up.device))
-    d0 = run(x_up, y_T, plan, generator=generator, callback=callback)
+    return plan, initial_state(plan, start, randn(tuple(x_up.shape), generator, x_up.device))
+
+
+def finish_sampling(d0: torch.Tensor, x_up: torch.Tensor, residual_scale: float | None) -> torch.Tensor:
+    """The image y0 in [-1, 1] of the reverse process's last state d0 (in the diffused space)."""
     if residual_scale is None:
         return d0
     return from_diffused(d0, x_up.float(), residual_scale).clamp(-1.0, 1.0)
+
+
+def sample_with(run: PlanRunner, x_up: torch.Tensor, schedule: NoiseSchedule, config: SamplerConfig, *,
+                prediction: str = "eps", residual_scale: float | None = None,
+                generator: torch.Generator | None = None, callback: StepCallback | None = None) -> torch.Tensor:
+    """`start_sampling`, then `run` applies the plan, then `finish_sampling`: the image y0."""
+    plan, y_T = start_sampling(x_up, schedule, config, prediction=prediction, residual_scale=residual_scale,
+                               generator=generator)
+    return finish_sampling(run(x_up, y_T, plan, generator=generator, callback=callback), x_up, residual_scale)
 
 
 def sample(model: nn.Module | Denoiser, x_up: torch.Tensor, schedule: NoiseSchedule,

@@ -21,6 +21,7 @@ LAYERS = [
     ("diffusion math", ("schedules", "diffusion", "samplers")),
     ("runtime", ("runtime",)),
     ("training", ("training",)),
+    ("serving", ("serving",)),
     ("commands", ("cli", "__main__", "train", "evaluate", "export", "demo")),
     ("package", ("",)),
 ]

@@ -13,8 +13,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# Pages that another change is writing: a link to one of them is an expected failure while it is missing.
-PENDING = {"docs/SERVING.md"}
 
 
 def _name(page: Path) -> str:
@@ -73,8 +71,6 @@ def test_docs_link_resolves(name, target):
     page = ROOT / name
     path, _, fragment = target.partition("#")
     linked = (page.parent / path).resolve() if path else page
-    if not linked.exists() and linked.is_relative_to(ROOT) and _name(linked) in PENDING:
-        pytest.xfail(f"{_name(linked)} is not written yet")
     assert linked.exists(), f"{name}: link to {target}: {linked} does not exist"
     if fragment and linked.suffix == ".md":
         assert fragment.lower() in _anchors(linked), f"{name}: link to {target}: no such heading in {linked.name}"

@@ -14,8 +14,9 @@ from typing import Callable
 
 import torch
 
-from ..io import printable
-from ..runtime.engine import SR3Engine
+from ..io import one_line, printable
+from ..runtime.backends import BackendUnavailableError
+from ..runtime.engine import PRECISIONS, SR3Engine
 from ..samplers import SAMPLERS, SamplerConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -25,7 +26,7 @@ SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 # Appended to the engine's MemoryBudgetError message.
 TILE_HINT = "try --tile N with a smaller N, or a larger --max-memory"
 # The one spelling of precisions on the command line.
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = PRECISIONS
 
 
 class UsageError(Exception):
@@ -66,6 +67,21 @@ def run_until_stopped(command: Callable[[], int]) -> int:
 
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
+
+
+def loaded_engine(load: Callable[[], SR3Engine], *, model: str, backend: str) -> SR3Engine:
+    """The engine `load()` makes; whatever stops the model from loading, as a one-line UsageError."""
+    try:
+        return load()
+    except BackendUnavailableError as error:
+        raise UsageError(f"--backend {backend}: {error}") from None
+    except (OSError, ValueError) as error:
+        raise UsageError(one_line(error)) from None
+    # Weights that do not fit config.json are refused (ValueError) before any network is built;
+    # a network as large as its weights file can still be larger than memory, and fail while it
+    # is built or moved to the device.
+    except (RuntimeError, TypeError, MemoryError) as error:
+        raise UsageError(f"{model}: cannot load the model ({one_line(error)})") from None
 
 
 def positive_int(text: str) -> int:

@@ -52,14 +52,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..io import (DEFAULT_MAX_PIXELS, ImageError, check_file, check_writable, collect_inputs, image_warnings,
-                  load_image, one_line, output_names, printable, save_png, sweep_temporaries)
-from ..runtime.backends import ENGINE_BACKENDS, BackendUnavailableError
+                  load_image, one_line, outscaled, output_names, printable, save_png,
+                  sweep_temporaries)
+from ..runtime.backends import ENGINE_BACKENDS
 from ..runtime.engine import SR3Engine
 from ..runtime.tiling import MemoryBudgetError, check_tile
 from ..samplers import SamplerConfig
 from .common import (DTYPES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, TILE_HINT, UsageError, add_device_argument,
-                     add_dtype_argument, add_sampler_arguments, add_tiling_arguments, parse_device, positive_float,
-                     positive_int, print_error, run_until_stopped, sampler_config, tile_pixels)
+                     add_dtype_argument, add_sampler_arguments, add_tiling_arguments, loaded_engine, parse_device,
+                     positive_float, positive_int, print_error, run_until_stopped, sampler_config, tile_pixels)
 
 
 class Job(NamedTuple):
@@ -274,19 +275,9 @@ def output_exists(job: Job, args: argparse.Namespace, report: Report) -> None:
 
 
 def load_engine(args: argparse.Namespace, device: torch.device, show_progress: bool) -> SR3Engine:
-    try:
-        engine = SR3Engine.from_pretrained(args.model, backend=args.backend, device=device,
-                                           dtype=DTYPES[args.dtype], progress=show_progress,
-                                           max_memory=args.max_memory)
-    except BackendUnavailableError as error:
-        raise UsageError(f"--backend {args.backend}: {error}") from None
-    except (OSError, ValueError) as error:
-        raise UsageError(one_line(error)) from None
-    # Weights that do not fit config.json are refused (ValueError) before any network is built;
-    # a network as large as its weights file can still be larger than memory, and fail while it
-    # is built or moved to the device.
-    except (RuntimeError, TypeError, MemoryError) as error:
-        raise UsageError(f"{args.model}: cannot load the model ({one_line(error)})") from None
+    engine = loaded_engine(lambda: SR3Engine.from_pretrained(
+        args.model, backend=args.backend, device=device, dtype=DTYPES[args.dtype], progress=show_progress,
+        max_memory=args.max_memory), model=args.model, backend=args.backend)
     if args.steps is not None:
         try:
             engine.schedule_for(args.steps)
@@ -355,13 +346,6 @@ def upscale_batch(engine: SR3Engine, sampler: SamplerConfig, batch: list[Job], a
             report.fail(job, f"cannot write {job.output} ({error.strerror or one_line(error)})")
             continue
         report.wrote()
-
-
-def outscaled(image: Image.Image, input_size: tuple[int, int], outscale: float) -> Image.Image:
-    """The model's output resized to round(outscale x the input's size), as Real-ESRGAN's
-    --outscale does."""
-    size = (max(1, round(outscale * input_size[0])), max(1, round(outscale * input_size[1])))
-    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 def batch_seed(seed: int, name: str) -> int:

@@ -37,6 +37,8 @@ from .backends import create_backend
 from .tiling import TileGrid, default_budget, plan_tiles
 
 ENGINE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The one spelling of precisions in commands and settings.
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _prediction_of(model: nn.Module, prediction: str | None) -> str:
@@ -145,7 +147,13 @@ class SR3Engine:
                           overlap=tile_overlap if tile_overlap is not None else self._tile_overlap,
                           multiple=self.size_multiple, max_tiles_per_call=most_tiles, max_side=largest_side)
 
-    def _validate(self, lr: Any) -> torch.Tensor:
+    def condition(self, lr: torch.Tensor) -> torch.Tensor:
+        """The condition x_up of a checked (B, 3, h, w) batch in [0, 1], on the engine's device:
+        float32 in [-1, 1], padded to the U-Net's size multiple (`diffusion.condition`)."""
+        return condition(lr.to(self._device, torch.float32), self._scale, self.size_multiple, self._resampler)
+
+    def check_input(self, lr: Any) -> torch.Tensor:
+        """`lr` if it is a (B, 3, h, w) floating point batch in [0, 1], else ValueError in one line."""
         if not isinstance(lr, torch.Tensor):
             raise ValueError(f"SR3Engine.sample: expected a torch.Tensor of shape (B, 3, h, w); got {type(lr).__name__}")
         if lr.dim() != 4:
@@ -177,10 +185,10 @@ class SR3Engine:
         (output pixels) override the engine's tiling. The same generator seed gives the same
         output. Raises MemoryBudgetError when even the smallest tile exceeds the budget.
         """
-        lr = self._validate(lr)
+        lr = self.check_input(lr)
         schedule = self.schedule_for(steps, schedule)
         config = self.sampler_config(sampler)
-        x_up = condition(lr.to(self._device, torch.float32), self._scale, self.size_multiple, self._resampler)
+        x_up = self.condition(lr)
         height, width = lr.shape[-2] * self._scale, lr.shape[-1] * self._scale
         grid = self.tile_grid(x_up.shape[0], tuple(x_up.shape[-2:]), tile=tile, tile_overlap=tile_overlap)
 
@@ -217,7 +225,7 @@ class SR3Engine:
                 hr = self.sample(lr, generator=generator, steps=steps, schedule=schedule, sampler=sampler, tile=tile,
                                  tile_overlap=tile_overlap)
                 for i, out in zip(chunk, hr):
-                    results[i] = _with_alpha(images[i], tensor_to_pil(out))
+                    results[i] = with_alpha(images[i], tensor_to_pil(out))
         return results  # type: ignore[return-value]
 
     def save_pretrained(self, directory: str | os.PathLike, *, weights_dtype: torch.dtype | None = None) -> Path:
@@ -241,7 +249,8 @@ class SR3Engine:
                    dtype=dtype, **engine_kwargs)
 
 
-def _with_alpha(source: Image.Image, rgb: Image.Image) -> Image.Image:
+def with_alpha(source: Image.Image, rgb: Image.Image) -> Image.Image:
+    """`rgb`, the model's output for `source`, with source's alpha (if any) upscaled bicubically."""
     if not has_alpha(source):
         return rgb
     alpha = to_rgb_or_rgba(source).getchannel("A").resize(rgb.size, Image.Resampling.BICUBIC)

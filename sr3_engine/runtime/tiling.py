@@ -213,6 +213,46 @@ def _largest_side(config: UNetConfig, itemsize: int, budget: int, multiple: int)
     return low * multiple
 
 
+def fixed_grid(size: tuple[int, int], side: int, overlap: int, tiles_per_call: int) -> TileGrid:
+    """Square tiles of exactly `side` over an image of `size`, which must be at least `side`
+    on each axis (the serving scheduler pads smaller images up to it): tiles of one shape
+    whatever the image, so that tiles of different images can share a denoiser call."""
+    if min(size) < side:
+        raise ValueError(f"fixed_grid: an image of {size[0]}x{size[1]} is smaller than the tile side {side}")
+    if not 0 <= overlap < side / 2:
+        raise ValueError(f"tile overlap {overlap} must be at least 0 and under half the tile ({side})")
+    starts = (axis_starts(size[0], side, overlap), axis_starts(size[1], side, overlap))
+    return TileGrid(size, (side, side), overlap, starts, tiles_per_call)
+
+
+class TileBlender:
+    """The tiles of `grid` cut out of whole images, and tile outputs blended back: the one
+    implementation of the blend, for `TiledDenoiser` and the serving scheduler. A tile is
+    (row, column) of the grid, in the order (row, column) of `places`."""
+
+    def __init__(self, grid: TileGrid, device: torch.device):
+        self.grid = grid
+        self.rows = grid.windows(0, device)
+        self.columns = grid.windows(1, device)
+        self.places = [(r, c) for r in range(len(grid.starts[0])) for c in range(len(grid.starts[1]))]
+
+    def region(self, place: tuple[int, int]) -> tuple[slice, slice]:
+        (tile_h, tile_w), (row_starts, column_starts) = self.grid.tile, self.grid.starts
+        r, c = place
+        return slice(row_starts[r], row_starts[r] + tile_h), slice(column_starts[c], column_starts[c] + tile_w)
+
+    def cut(self, image: torch.Tensor, place: tuple[int, int]) -> torch.Tensor:
+        """The tile at `place` of `image` (C, H, W), a view."""
+        rows, columns = self.region(place)
+        return image[:, rows, columns]
+
+    def add(self, total: torch.Tensor, place: tuple[int, int], tile_output: torch.Tensor) -> None:
+        """total (C, H, W) float32 += the tile's output times its normalised window."""
+        rows, columns = self.region(place)
+        weight = self.rows[place[0]][:, None] * self.columns[place[1]][None, :]
+        total[:, rows, columns] += tile_output.float() * weight
+
+
 class TiledDenoiser:
     """A denoiser over whole images that runs `denoise` on the tiles of `grid` and blends them.
 
@@ -223,33 +263,27 @@ class TiledDenoiser:
     def __init__(self, denoise: Denoiser, grid: TileGrid, device: torch.device):
         self.denoise = denoise
         self.grid = grid
-        self.rows = grid.windows(0, device)
-        self.columns = grid.windows(1, device)
+        self.blender = TileBlender(grid, device)
         # Which image of the batch each tile of a call belongs to, made once, not at every step.
         self._images: dict[tuple[int, int], torch.Tensor] = {}
         self._device = device
 
     def __call__(self, x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
-        grid = self.grid
-        (tile_h, tile_w), (row_starts, column_starts) = grid.tile, grid.starts
-        places = [(b, r, c) for b in range(x_up.shape[0]) for r in range(len(row_starts))
-                  for c in range(len(column_starts))]
+        blender = self.blender
+        tiles = [(b, place) for b in range(x_up.shape[0]) for place in blender.places]
         eps = torch.zeros(y_t.shape, dtype=torch.float32, device=y_t.device)
-        for first in range(0, len(places), grid.tiles_per_call):
-            chunk = places[first:first + grid.tiles_per_call]
-            windows = [(b, slice(row_starts[r], row_starts[r] + tile_h),
-                        slice(column_starts[c], column_starts[c] + tile_w)) for b, r, c in chunk]
-            x_tiles = torch.stack([x_up[b, :, rows, columns] for b, rows, columns in windows])
-            y_tiles = torch.stack([y_t[b, :, rows, columns] for b, rows, columns in windows])
+        for first in range(0, len(tiles), self.grid.tiles_per_call):
+            chunk = tiles[first:first + self.grid.tiles_per_call]
+            x_tiles = torch.stack([blender.cut(x_up[b], place) for b, place in chunk])
+            y_tiles = torch.stack([blender.cut(y_t[b], place) for b, place in chunk])
             levels = noise_level[self._image_index(chunk, first)]
             tile_eps = self.denoise(x_tiles, y_tiles, levels)
-            for k, ((b, r, c), (_, rows, columns)) in enumerate(zip(chunk, windows)):
-                weight = self.rows[r][:, None] * self.columns[c][None, :]
-                eps[b, :, rows, columns] += tile_eps[k].float() * weight
+            for k, (b, place) in enumerate(chunk):
+                blender.add(eps[b], place, tile_eps[k])
         return eps
 
-    def _image_index(self, chunk: list[tuple[int, int, int]], first: int) -> torch.Tensor:
+    def _image_index(self, chunk: list[tuple[int, tuple[int, int]]], first: int) -> torch.Tensor:
         key = (first, len(chunk))
         if key not in self._images:
-            self._images[key] = torch.tensor([b for b, _, _ in chunk], device=self._device)
+            self._images[key] = torch.tensor([b for b, _ in chunk], device=self._device)
         return self._images[key]

@@ -6,7 +6,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from ...samplers import SamplingPlan, StepCallback, run_plan
+from ...samplers import Denoiser, SamplingPlan, StepCallback, run_plan
 from ..tiling import TileGrid, TiledDenoiser
 
 
@@ -26,6 +26,12 @@ class Backend(Protocol):
     def run(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,
             generator: torch.Generator | None, callback: StepCallback | None,
             tiles: TileGrid | None = None) -> torch.Tensor: ...
+
+    def tile_denoiser(self, capacity: int) -> Denoiser:
+        """The denoiser the serving scheduler calls on batches of at most `capacity` tiles of one
+        shape, x_up and y_t in the engine's dtype and noise_level (n,) float32, from inside
+        inference mode; its output is valid until its next call."""
+        ...
 
 
 def run_eagerly(denoise: Callable, device: torch.device, x_up: torch.Tensor, y_T: torch.Tensor,

@@ -62,7 +62,7 @@ import torch.nn as nn
 from ... import ops
 from ...config import UNetConfig
 from ...diffusion import generator_device, randn
-from ...samplers import (GeneratorNoise, GivenNoise, SamplingPlan, SeededNoise, StepCallback, level_tensors,
+from ...samplers import (Denoiser, GeneratorNoise, GivenNoise, SamplingPlan, SeededNoise, StepCallback, level_tensors,
                          raise_if_nonfinite, run_steps)
 from ...unet import set_op_backend
 from ..tiling import TileGrid, TiledDenoiser
@@ -211,6 +211,21 @@ class FusedBackend:
             for i in range(plan.num_steps):
                 callback(i, plan.num_steps, y0)
         return y0
+
+    def tile_denoiser(self, capacity: int) -> Denoiser:
+        """On the CPU the frozen graphs of each batch shape; on CUDA the graph captured for
+        `capacity` tiles of a shape, replayed on every batch of that shape (a smaller one is
+        padded), so that one graph serves a tile shape whatever the batch."""
+        if self.device.type != "cuda":
+            def frozen(x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+                return self._frozen_denoise(x_up.contiguous(memory_format=torch.channels_last), y_t, noise_level)
+            return frozen
+
+        def graphed(x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+            # The graphs' static buffers must be ordinary tensors, made outside inference mode.
+            with torch.inference_mode(False), torch.no_grad(), torch.cuda.device(self.device):
+                return self._graphed_denoise(capacity, x_up, y_t, noise_level)
+        return graphed
 
     def images_per_call(self, height: int, width: int) -> int | None:
         """How many images one denoiser call of the model takes on the CPU, for inputs of `height`

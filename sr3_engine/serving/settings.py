@@ -1,0 +1,52 @@
+"""What builds a service, as plain data: the engine, the scheduler and the HTTP front's limits.
+
+Kept apart from `serving.http` so that commands can parse settings without the web framework
+installed, and so that Ray can ship settings to its replicas, which build their own service.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from ..io import DEFAULT_MAX_PIXELS
+from ..runtime.engine import PRECISIONS, SR3Engine
+from .scheduler import SchedulerConfig
+
+DEFAULT_MAX_UPLOAD_BYTES = 32 * 2**20
+DEFAULT_TIMEOUT = 600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """Limits of the HTTP front: upload bytes, decoded input pixels, the longest a request may
+    take (seconds; a request's own `deadline` may only shorten it), the API key, and whether
+    to warm up before reporting ready."""
+
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    timeout: float = DEFAULT_TIMEOUT
+    api_key: str | None = None
+    warm_up: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """Everything that builds one service: the engine (model directory or bundled name,
+    backend, device, precision, denoiser memory budget, backend options), the scheduler and
+    the HTTP front. Plain data, so a Ray Serve replica can build its own from it."""
+
+    model: str
+    backend: str = "fused"
+    device: str = "cpu"
+    dtype: str = "fp32"
+    max_memory: int | None = None
+    backend_options: tuple[tuple[str, object], ...] = ()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    service: ServiceConfig = ServiceConfig()
+
+    def engine(self) -> SR3Engine:
+        """The engine these settings describe (loads the model)."""
+        if self.dtype not in PRECISIONS:
+            raise ValueError(f"dtype must be one of {tuple(PRECISIONS)}; got {self.dtype!r}")
+        return SR3Engine.from_pretrained(self.model, backend=self.backend, device=self.device,
+                                         dtype=PRECISIONS[self.dtype], progress=False, max_memory=self.max_memory,
+                                         backend_options=dict(self.backend_options))
