@@ -316,11 +316,17 @@ def test_a_tile_side_the_model_cannot_take_is_refused(tiny_model):
 def test_the_default_tiles_fit_the_memory_budget(tiny_model):
     from sr3_engine.runtime.tiling import working_bytes
 
-    budget = 64 * 2**20
-    with Scheduler(_engine(tiny_model, max_memory=budget)) as scheduler:
-        assert scheduler.tile_sides == (64, 128, 256)[:len(scheduler.tile_sides)] or max(scheduler.tile_sides) < 256
-        for side in scheduler.tile_sides:
-            assert working_bytes(TINY, scheduler.capacity[side], side, side, 4) <= budget
+    for budget in (2**30, 64 * 2**20, 40 * 2**20):
+        with Scheduler(_engine(tiny_model, max_memory=budget)) as scheduler:
+            sides = scheduler.tile_sides
+            bases = [side for side in sides if side + default_overlap(side, 4) in sides]
+            assert len(sides) == 2 * len(bases) and max(bases) <= 256
+            for side in sides:
+                assert side % 4 == 0 and working_bytes(TINY, scheduler.capacity[side], side, side, 4) <= budget
+        if budget == 2**30:
+            assert sides == (64, 72, 128, 136, 256, 272)
+    with pytest.raises(sr3.MemoryBudgetError, match="the budget is 8 MiB"):
+        Scheduler(_engine(tiny_model, max_memory=8 * 2**20))
 
 
 @pytest.mark.parametrize("backend, options", [
@@ -338,3 +344,81 @@ def test_every_backend_that_denoises_tiles_serves_requests(tiny_model, backend, 
         expected = reference.sample(torch.rand(3, 12, 12, generator=_seeded(i))[None], generator=_seeded(i),
                                     sampler="ancestral")[0]
         torch.testing.assert_close(result.image, expected, rtol=0, atol=1e-4)
+
+
+def test_a_failing_denoiser_call_fails_its_requests_and_the_scheduler_goes_on(tiny_model):
+    gated = Gated(tiny_model)
+    engine = _engine(gated)
+    calls = []
+
+    def forward(x_up, y_t, noise_level):
+        calls.append(len(noise_level))
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return tiny_model(x_up, y_t, noise_level)
+
+    gated.forward = forward
+    with Scheduler(engine, SchedulerConfig(tile_sides=(24,), max_tiles_per_call=1)) as scheduler:
+        first = scheduler.submit(torch.rand(3, 12, 12), seed=0)
+        with pytest.raises(RuntimeError, match="simulated"):
+            first.result(60)
+        assert scheduler.submit(torch.rand(3, 12, 12), seed=1).result(60).image.shape == (3, 24, 24)
+        assert not scheduler.closed
+
+
+def test_an_error_outside_any_request_fails_every_future_and_closes_the_scheduler(tiny_model):
+    class Exploding(Recorder):
+        def denoiser_call(self, tiles, tile_side, seconds):
+            raise ValueError("a broken metrics sink")
+
+    gated = Gated(tiny_model)
+    engine = _engine(gated)
+    scheduler = Scheduler(engine, SchedulerConfig(tile_sides=(24,), max_tiles_per_call=1), metrics=Exploding())
+    gated.gate.clear()
+    futures = [scheduler.submit(torch.rand(3, 12, 12), seed=i) for i in range(3)]
+    gated.gate.set()
+    for future in futures:
+        with pytest.raises(SchedulerClosedError, match="broken metrics sink"):
+            future.result(60)
+    assert scheduler.closed and "broken metrics sink" in scheduler.broken
+    with pytest.raises(SchedulerClosedError, match="stopped on an error"):
+        scheduler.submit(torch.rand(3, 12, 12))
+    scheduler.close()
+
+
+def test_a_request_waiting_for_admission_holds_no_sampling_state(tiny_model, monkeypatch):
+    gated = Gated(tiny_model)
+    engine = _engine(gated)
+    built = []
+    condition = engine.condition
+    monkeypatch.setattr(engine, "condition", lambda lr: built.append(lr.shape) or condition(lr))
+    config = SchedulerConfig(tile_sides=(24,), max_pixels_in_flight=24 * 24)
+    with Scheduler(engine, config) as scheduler:
+        gated.gate.clear()
+        futures = [scheduler.submit(torch.rand(3, 12, 12), seed=i) for i in range(3)]
+        time.sleep(0.3)
+        assert len(built) == 1  # only the admitted one has a condition, a state and tiles
+        gated.gate.set()
+        for future in futures:
+            future.result(60)
+    assert len(built) == 3
+
+
+def test_an_overdue_request_gets_a_whole_step_before_the_others_again(tiny_model):
+    gated = Gated(tiny_model)
+    engine = _engine(gated)
+    recorder = Recorder()
+    config = SchedulerConfig(tile_sides=(24,), max_tiles_per_call=1, max_wait=0.05)
+    with Scheduler(engine, config, metrics=recorder) as scheduler:
+        gated.gate.clear()
+        large = scheduler.submit(torch.rand(3, 24, 24), seed=0)  # 4 tiles a step
+        time.sleep(0.2)
+        smalls = [scheduler.submit(torch.rand(3, 12, 12), seed=i) for i in range(1, 4)]
+        gated.gate.set()
+        large.result(60)
+        for future in smalls:
+            future.result(60)
+    # Each time it is overdue the large request's step is finished in a row: its 4 levels repeat 4 times.
+    runs = [len(list(group)) for _, group in __import__("itertools").groupby(
+        levels[0] for levels in gated.levels)]
+    assert max(runs) >= 4

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -105,7 +106,7 @@ def upscale(url: str, body: bytes, query: str = "", content_type: str = "image/p
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    running = Server(tiny_dir, "--max-upload", "64K", "--max-pixels", "40000")
+    running = Server(tiny_dir, "--max-upload", "64K", "--max-pixels", "40000", "--upload-timeout", "1")
     yield running
     assert running.stop() == 0
 
@@ -151,6 +152,7 @@ def test_alpha_and_outscale_follow_the_upscale_command(server):
     ("strength 2", 422, "strength"),
     ("negative seed", 422, "seed"),
     ("outscale 0", 422, "outscale"),
+    ("outscale over the scale", 422, "outscale: must be at most the model's scale 2"),
     ("deadline passed", 504, "deadline"),
     ("unknown route", 404, "Not Found"),
     ("wrong method", 405, "Method Not Allowed"),
@@ -170,6 +172,7 @@ def test_every_refusal_is_a_one_line_json_error(server, case, status, match):
         "strength 2": lambda: upscale(server.url, good, "strength=2"),
         "negative seed": lambda: upscale(server.url, good, "seed=-1"),
         "outscale 0": lambda: upscale(server.url, good, "outscale=0"),
+        "outscale over the scale": lambda: upscale(server.url, good, "outscale=2.5"),
         "deadline passed": lambda: upscale(server.url, good, "deadline=0.000001"),
         "unknown route": lambda: request(server.url + "/v2/nothing"),
         "wrong method": lambda: request(server.url + "/v1/upscale"),
@@ -225,6 +228,8 @@ def test_an_api_key_guards_the_service_in_constant_time(tiny_dir):
     try:
         assert upscale(server.url, png())[0] == 401
         assert upscale(server.url, png(), headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert upscale(server.url, png(), "steps=0")[0] == 401  # the key before the parameters
+        assert get(server.url + "/openapi.json")[0] == 404
         assert request(server.url + "/metrics")[0] == 401
         assert get(server.url + "/healthz")[0] == 200
         status, _, _ = upscale(server.url, png(), "seed=1", headers={"Authorization": "Bearer s3cret"})
@@ -286,3 +291,43 @@ def test_an_address_in_use_exits_2_in_one_line(server, tiny_dir):
                              "--device", "cpu", "--backend", "eager"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_an_empty_api_key_is_refused_before_serving(tiny_dir):
+    result = subprocess.run([sys.executable, "-m", "sr3_engine", "serve", "--model", str(tiny_dir), "--port", "0",
+                             "--device", "cpu", "--backend", "eager"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "SR3_ENGINE_API_KEY": " "})
+    assert result.returncode == 2 and "SR3_ENGINE_API_KEY: the API key is empty" in result.stderr
+
+
+def test_an_upload_that_stalls_is_answered_408(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(b"POST /v1/upscale HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                           b"Content-Length: 1000\r\n\r\n" + png()[:100])
+        reply = b""
+        while b"}" not in reply:
+            chunk = connection.recv(65536)
+            assert chunk, f"the connection closed after {reply!r}"
+            reply += chunk
+        reply = reply.decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 408") and "the upload took longer than 1 s" in reply
+
+
+def test_a_client_that_hangs_up_cancels_its_request(tiny_dir):
+    server = Server(tiny_dir, "--tile-sides", "24")
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        body = png((100, 100))
+        connection = socket.create_connection((host, int(port)), timeout=30)
+        connection.sendall(b"POST /v1/upscale?sampler=ancestral HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        _wait_for_metric(server.url, "sr3_requests_in_flight", 1)
+        connection.close()
+        deadline = time.monotonic() + 30
+        while not re.search(r'sr3_request_seconds_count\{outcome="cancelled"\} 1', get(server.url + "/metrics")[2].decode()):
+            assert time.monotonic() < deadline, "the request was not cancelled"
+            time.sleep(0.1)
+        assert re.search(r"^sr3_requests_in_flight 0", get(server.url + "/metrics")[2].decode(), flags=re.M)
+    finally:
+        assert server.stop() == 0

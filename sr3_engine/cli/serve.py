@@ -33,11 +33,13 @@ from typing import Sequence
 from ..io import DEFAULT_MAX_PIXELS
 from ..runtime.backends import ENGINE_BACKENDS
 from ..serving.scheduler import SchedulerConfig
-from ..serving.settings import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_TIMEOUT, ServeSettings, ServiceConfig
+from ..serving.settings import (DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_TIMEOUT, DEFAULT_UPLOAD_TIMEOUT, ServeSettings,
+                                ServiceConfig)
 from .common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, add_device_argument, add_dtype_argument, byte_size,
                      loaded_engine, non_negative_int, parse_device, positive_float, positive_int, print_error)
 
 API_KEY_ENV = "SR3_ENGINE_API_KEY"
+DEFAULT_MAX_CONNECTIONS = 256
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"largest upload; larger ones are answered 413 (default {DEFAULT_MAX_UPLOAD_BYTES >> 20}M)")
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help=f"reject input images with more pixels (default {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--upload-timeout", type=positive_float, default=DEFAULT_UPLOAD_TIMEOUT, metavar="SECONDS",
+                        help=f"longest an upload may take to arrive; then 408 (default {DEFAULT_UPLOAD_TIMEOUT:g})")
+    parser.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                        help=f"open connections; more are answered 503 (default {DEFAULT_MAX_CONNECTIONS})")
     parser.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"longest a request may take; then 504 (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--no-warm-up", action="store_true", help="report ready without warming up")
@@ -96,15 +102,15 @@ def settings_from(args: argparse.Namespace) -> ServeSettings:
         scheduler = SchedulerConfig(tile_sides=args.tile_sides, max_tiles_per_call=args.max_tiles_per_call,
                                     max_pixels_in_flight=args.max_pixels_in_flight, max_queued=args.max_queue,
                                     max_wait=args.max_wait)
+        service = ServiceConfig(max_upload_bytes=args.max_upload, upload_timeout=args.upload_timeout,
+                                max_pixels=args.max_pixels, timeout=args.timeout,
+                                api_key=os.environ.get(args.api_key_env), warm_up=not args.no_warm_up)
     except ValueError as error:
-        raise UsageError(str(error)) from None
-    service = ServiceConfig(max_upload_bytes=args.max_upload, max_pixels=args.max_pixels, timeout=args.timeout,
-                            api_key=os.environ.get(args.api_key_env) or None, warm_up=not args.no_warm_up)
-    # A captured or traced denoiser per tile shape and batch size: keep every one of them.
-    options = (("max_graphs", 64),) if args.backend == "fused" else ()
-    return ServeSettings(model=args.model, backend=args.backend, device=str(parse_device(args.device)),
-                         dtype=args.dtype, max_memory=args.max_memory, backend_options=options,
-                         scheduler=scheduler, service=service)
+        raise UsageError(f"{args.api_key_env}: {error}" if "API key" in str(error) else str(error)) from None
+    # Under Ray the replicas' devices are the cluster's: `auto` is decided where they run.
+    device = args.device if args.ray and args.device == "auto" else str(parse_device(args.device))
+    return ServeSettings(model=args.model, backend=args.backend, device=device, dtype=args.dtype,
+                         max_memory=args.max_memory, scheduler=scheduler, service=service)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,15 +123,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from ..serving.ray_serve import run_on_ray
             except ImportError as error:
                 raise UsageError(f"--ray needs Ray Serve ({error}): pip install 'sr3_engine[ray]'") from None
-            return run_on_ray(settings, host=args.host, port=args.port, replicas=args.replicas,
-                              max_replicas=args.max_replicas, announce=_announce)
-        return serve(settings, args.host, args.port, args.log_level)
+            try:
+                return run_on_ray(settings, host=args.host, port=args.port, replicas=args.replicas,
+                                  max_replicas=args.max_replicas, announce=_announce)
+            except RuntimeError as error:
+                raise UsageError(str(error)) from None
+        return serve(settings, args.host, args.port, args.log_level, args.max_connections)
     except UsageError as error:
         print_error(str(error))
         return EXIT_USAGE
 
 
-def serve(settings: ServeSettings, host: str, port: int, log_level: str) -> int:
+def serve(settings: ServeSettings, host: str, port: int, log_level: str, max_connections: int) -> int:
     try:
         import uvicorn
 
@@ -145,19 +154,22 @@ def serve(settings: ServeSettings, host: str, port: int, log_level: str) -> int:
               f"tiles {'/'.join(map(str, scheduler.tile_sides))} px, "
               f"{'/'.join(str(scheduler.capacity[s]) for s in scheduler.tile_sides)} per call")
     config = uvicorn.Config(create_app(service), log_level=log_level, timeout_graceful_shutdown=None,
-                            access_log=log_level == "debug")
+                            limit_concurrency=max_connections, access_log=log_level == "debug")
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: a
     # handler that does nothing lets the drained process exit 0 instead of dying by the signal.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    drain = True
     try:
         uvicorn.Server(config).run(sockets=[listener])
     except KeyboardInterrupt:
+        # A second Ctrl-C: uvicorn stopped waiting for its clients, so neither does the scheduler.
+        drain = False
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
         listener.close()
-        service.close()
+        service.close(drain=drain)
     return EXIT_OK
 
 
@@ -176,7 +188,6 @@ def _listen(host: str, port: int) -> socket.socket:
         listener.listen(2048)
     except OSError as error:
         raise UsageError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
-    listener.set_inheritable(True)
     return listener
 
 

@@ -40,12 +40,13 @@ import time
 from typing import AsyncIterator, Literal
 
 import torch
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..io import (ImageError, ImageFormatError, ImageTooLargeError, decode_image, one_line,
                   outscaled, pil_to_tensor, tensor_to_pil)
@@ -57,7 +58,10 @@ from .settings import ServeSettings, ServiceConfig
 
 logger = logging.getLogger(__name__)
 
-MAX_OUTSCALE = 16.0
+# How often a waiting handler looks for a client that hung up, and how long past its deadline it
+# waits for the scheduler.
+DISCONNECT_POLL_S = 0.5
+RESULT_GRACE_S = 30.0
 # Content types a client may label image bytes with; a missing one is taken as bytes too.
 IMAGE_CONTENT_TYPES = ("image/", "application/octet-stream")
 SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
@@ -133,15 +137,16 @@ class Service:
                    name=settings.model)
 
     def warm_up(self) -> None:
-        """Serve one tile of each side twice (a trace or capture per shape happens by then), then
-        report ready. A failure is kept and keeps the service unready."""
+        """Run the scheduler's warm-up (every tile shape and batch size it will call), then one
+        request of each tile side, then report ready. A failure is kept and keeps the service
+        unready."""
         try:
             if self.config.warm_up:
+                self.scheduler.warm_up()
                 scale = self.scheduler.engine.scale
                 for side in self.scheduler.tile_sides:
                     low = max(1, side // scale)
-                    for seed in (0, 1):
-                        self.scheduler.submit(torch.full((3, low, low), 0.5), seed=seed).result()
+                    self.scheduler.submit(torch.full((3, low, low), 0.5), seed=0).result()
             self.ready.set()
         except SchedulerClosedError:
             return
@@ -149,11 +154,12 @@ class Service:
             self.warm_up_error = one_line(error)
             logger.exception("warm-up failed")
 
-    def close(self) -> None:
+    def close(self, *, drain: bool = True) -> None:
         self.ready.clear()
-        self.scheduler.close(drain=True)
+        self.scheduler.close(drain=drain)
 
     def check_key(self, request: Request) -> None:
+        """401 unless the request carries the API key (when one is set)."""
         key = self.config.api_key
         if key is None:
             return
@@ -173,8 +179,15 @@ def create_app(service: Service) -> FastAPI:
         yield
         await run_in_threadpool(service.close)
 
-    app = FastAPI(title="sr3_engine", summary="SR3 image super-resolution", lifespan=lifespan)
+    # The API schema and its pages would be open to callers without the key.
+    documented = service.config.api_key is None
+    app = FastAPI(title="sr3_engine", summary="SR3 image super-resolution", lifespan=lifespan,
+                  openapi_url="/openapi.json" if documented else None)
     app.state.service = service
+    app.add_middleware(_CountResponses, metrics=service.metrics)
+
+    def authorized(request: Request) -> None:
+        service.check_key(request)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, error: ServiceError) -> JSONResponse:
@@ -195,17 +208,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
-        logger.exception("unexpected error serving %s", request.url.path)
-        return JSONResponse({"error": f"internal error ({one_line(error)})"}, status_code=500)
-
-    @app.middleware("http")
-    async def count_responses(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.url.path if request.url.path in _ROUTES else "other"
-        service.metrics.responses.labels(route, str(response.status_code)).inc()
-        service.metrics.http_seconds.labels(route).observe(time.perf_counter() - started)
-        return response
+        # The server logs the traceback; the client learns nothing of the internals.
+        return JSONResponse({"error": "internal error (the server's log has the details)"}, status_code=500)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -216,15 +220,16 @@ def create_app(service: Service) -> FastAPI:
         if service.ready.is_set() and not service.scheduler.closed:
             return JSONResponse({"status": "ready", "model": service.name,
                                  "tile_sides": list(service.scheduler.tile_sides)})
-        reason = service.warm_up_error or ("draining" if service.scheduler.closed else "warming up")
+        broken = service.scheduler.broken and f"the scheduler stopped on an error: {service.scheduler.broken}"
+        reason = broken or service.warm_up_error or ("draining" if service.scheduler.closed else "warming up")
         return JSONResponse({"error": f"not ready: {reason}"}, status_code=503, headers={"Retry-After": "1"})
 
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        service.check_key(request)
+    @app.get("/metrics", dependencies=[Depends(authorized)])
+    async def metrics() -> Response:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/upscale", response_class=Response,
+    # The key is checked first (a dependency runs before the parameters are validated).
+    @app.post("/v1/upscale", response_class=Response, dependencies=[Depends(authorized)],
               responses={200: {"content": {"image/png": {}}, "description": "The upscaled image as a PNG"}})
     async def upscale(
         request: Request,
@@ -232,18 +237,20 @@ def create_app(service: Service) -> FastAPI:
         sampler: SamplerName | None = Query(None, description="default: the model's sampler"),
         strength: float | None = Query(None, gt=0.0, le=1.0, description="fraction of the schedule run"),
         seed: int | None = Query(None, ge=0, le=MAX_SEED, description="noise seed (default: random, see X-Seed)"),
-        outscale: float | None = Query(None, gt=0.0, le=MAX_OUTSCALE, description="resize to this x the input"),
+        outscale: float | None = Query(None, gt=0.0, description="resize to this x the input, at most the scale"),
         deadline: float | None = Query(None, gt=0.0, description="seconds the caller will wait"),
     ) -> Response:
         """Image bytes (PNG, JPEG, WebP, TIFF or BMP) in the body; the upscaled PNG back."""
-        service.check_key(request)
+        scale = service.scheduler.engine.scale
+        if outscale is not None and outscale > scale:
+            raise ServiceError(422, f"outscale: must be at most the model's scale {scale}; got {outscale:g}")
         if service.scheduler.closed:
             raise ServiceError(503, "the service is shutting down", {"Retry-After": "1"})
         content_type = request.headers.get("content-type", "application/octet-stream").lower()
         if not content_type.startswith(IMAGE_CONTENT_TYPES):
             raise ServiceError(415, f"Content-Type {content_type!r} is not an image; send the image bytes "
                                "as image/png, image/jpeg, ... or application/octet-stream")
-        data = await _read_body(request, service.config.max_upload_bytes)
+        data = await _read_body(request, service.config.max_upload_bytes, service.config.upload_timeout)
         try:
             image = await run_in_threadpool(decode_image, data, service.config.max_pixels)
         except ImageTooLargeError as error:
@@ -256,8 +263,8 @@ def create_app(service: Service) -> FastAPI:
             del data
         timeout = min(deadline, service.config.timeout) if deadline is not None else service.config.timeout
         try:
-            future = await run_in_threadpool(service.scheduler.submit, pil_to_tensor(image), steps=steps,
-                                             sampler=sampler, strength=strength, seed=seed, deadline=timeout)
+            future = await run_in_threadpool(lambda: service.scheduler.submit(
+                pil_to_tensor(image), steps=steps, sampler=sampler, strength=strength, seed=seed, deadline=timeout))
         except QueueFullError as error:
             raise ServiceError(503, str(error), {"Retry-After": str(round(error.retry_after))}) from None
         except SchedulerClosedError as error:
@@ -266,7 +273,7 @@ def create_app(service: Service) -> FastAPI:
             raise ServiceError(413, str(error)) from None
         except ValueError as error:
             raise ServiceError(422, one_line(error)) from None
-        served = await _result(request, future)
+        served = await _result(request, future, timeout)
         png = await run_in_threadpool(_encode, served, image, outscale)
         return Response(png, media_type="image/png", headers={
             "X-Seed": str(served.seed), "X-Tile-Side": str(served.tile_side),
@@ -281,29 +288,43 @@ _ROUTES = ("/v1/upscale", "/healthz", "/readyz", "/metrics")
 SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, or 413 once it passes `limit` bytes (from Content-Length, or while streaming)."""
+async def _read_body(request: Request, limit: int, timeout: float) -> bytearray:
+    """The body; 413 once it passes `limit` bytes (from Content-Length, or while streaming), 408
+    when it takes longer than `timeout` seconds to arrive, 499 when the client hangs up."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServiceError(413, f"the upload is {int(declared)} bytes; the limit is {limit}")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ServiceError(413, f"the upload is over the limit of {limit} bytes")
-    return bytes(body)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ServiceError(413, f"the upload is over the limit of {limit} bytes")
+    except TimeoutError:
+        raise ServiceError(408, f"the upload took longer than {timeout:g} s") from None
+    except ClientDisconnect:
+        raise ServiceError(499, "the client closed the connection during the upload") from None
+    return body
 
 
-async def _result(request: Request, future) -> Served:
-    """The scheduler's result; a client that hangs up cancels its request, which frees its tiles."""
+async def _result(request: Request, future, timeout: float) -> Served:
+    """The scheduler's result. A client that hangs up, or a handler that is cancelled (Ray Serve
+    does so when its caller goes), cancels the request, which frees its tiles at the next call."""
     waiting = asyncio.wrap_future(future)
-    while True:
-        done, _ = await asyncio.wait({waiting}, timeout=0.5)
-        if done:
-            break
-        if await request.is_disconnected():
-            future.cancel()
-            raise ServiceError(499, "the client closed the connection")
+    # The scheduler enforces the deadline; this bound only guards against a scheduler that cannot.
+    give_up = time.monotonic() + timeout + RESULT_GRACE_S
+    try:
+        while not waiting.done():
+            await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+            if not waiting.done() and (await request.is_disconnected() or time.monotonic() > give_up):
+                future.cancel()
+                if time.monotonic() > give_up:
+                    raise ServiceError(504, f"no result within {timeout:g} s")
+                raise ServiceError(499, "the client closed the connection")
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
     try:
         return waiting.result()
     except DeadlineExceeded as error:
@@ -312,8 +333,33 @@ async def _result(request: Request, future) -> Served:
         raise ServiceError(503, str(error), {"Retry-After": "1"}) from None
     except FloatingPointError as error:
         raise ServiceError(500, f"sampling failed: {one_line(error)}") from None
-    except asyncio.CancelledError:
-        raise ServiceError(503, "the request was cancelled") from None
+
+
+class _CountResponses:
+    """Counts every response by route and status, and times it (plain ASGI: a Starlette
+    `BaseHTTPMiddleware` would hide a client's disconnect from the route)."""
+
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in _ROUTES else "other"
+        status = [500]
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.responses.labels(route, str(status[0])).inc()
+            self.metrics.http_seconds.labels(route).observe(time.perf_counter() - started)
 
 
 def _encode(served: Served, source, outscale: float | None) -> bytes:

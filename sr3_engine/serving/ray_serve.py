@@ -11,7 +11,7 @@ Three ways to run it:
 
     python -m sr3_engine serve --model demo-x4 --ray --replicas 2
     python -m sr3_engine serve --model demo-x4 --ray --replicas 1 --max-replicas 4   # autoscaling
-    serve run serve_config.yaml                                                      # Ray's own CLI
+    serve run deploy/ray-serve.yaml                                                  # Ray's own CLI
 
 `build(args)` is the application builder that `serve run` and the config file name; its
 arguments are the settings' fields (model, backend, device, dtype, ...), and Ray's config file
@@ -96,18 +96,32 @@ def settings_from_args(args: dict[str, Any]) -> ServeSettings:
 
 def run_on_ray(settings: ServeSettings, *, host: str, port: int, replicas: int, max_replicas: int | None,
                announce: Callable[..., None]) -> int:
-    """Start Ray Serve's HTTP proxy on host:port and the deployment, and serve until SIGTERM or
-    Ctrl-C; then shut Serve down (each replica drains) and return 0."""
+    """Start Ray Serve's HTTP proxy on host:port and the deployment, and serve until SIGTERM (exit
+    code 0) or Ctrl-C (130); then shut Serve down, each replica draining. A deployment that
+    cannot start raises RuntimeError in one line (the replicas' logs are in Ray's log folder)."""
     import ray
 
     serve = _import_serve()
     ray.init(ignore_reinit_error=True, log_to_driver=False)
+    if settings.device == "auto":
+        gpus = ray.cluster_resources().get("GPU", 0)
+        settings = dataclasses.replace(settings, device="cuda" if gpus >= 1 else "cpu")
+    stopped_by: list[int] = []
     stop = threading.Event()
-    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
+        stop.set()
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(deployment(settings, replicas=replicas, max_replicas=max_replicas), name=DEPLOYMENT_NAME,
-                  route_prefix="/")
+        try:
+            serve.run(deployment(settings, replicas=replicas, max_replicas=max_replicas), name=DEPLOYMENT_NAME,
+                      route_prefix="/")
+        except Exception as error:  # noqa: BLE001  (Ray wraps the replica's failure in its own types)
+            first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            raise RuntimeError(f"the Ray Serve deployment did not start: {first.strip()}") from None
         how = f"{replicas} to {max_replicas} replicas" if max_replicas else f"{replicas} replica(s)"
         announce(f"http://{host}:{port} through Ray Serve", settings, how)
         stop.wait()
@@ -116,4 +130,4 @@ def run_on_ray(settings: ServeSettings, *, host: str, port: int, replicas: int, 
         ray.shutdown()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return 0
+    return 128 + signal.SIGINT if signal.SIGINT in stopped_by else 0

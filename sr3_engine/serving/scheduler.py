@@ -6,16 +6,19 @@ already cuts every image into tiles of one shape whose outputs are blended at ev
 tiles of different requests, each at its own step of its own plan, can share one call: the
 continuous batching of language-model serving, applied to diffusion super-resolution.
 
-Requests. `submit` checks the image, builds its condition, plan and initial state in the
-caller's thread, and returns a `concurrent.futures.Future` at once. The request is cut into
+Requests. `submit` checks the image and the settings in the caller's thread and returns a
+`concurrent.futures.Future` at once; the condition, plan and initial state are built when the
+request is admitted, so a queued request holds only its small input image. The request is cut into
 square tiles of one side from `tile_sides` (a few shape classes, output pixels): the side whose
 grid covers the image with the fewest denoised pixels, the larger side on a tie; an image
 smaller than its tile is padded up to it (the condition by replicating its edge, as
 `diffusion.condition` pads to the U-Net's multiple). A request's output depends only on its
 image, its settings and its seed: its noise comes from its own CPU generator, seeded by
-`seed`, exactly as `SR3Engine.sample` draws it, and its tiles are blended in grid order
-whatever calls they travel in. When its size is one tile it equals `engine.sample` with that
-seed, to the float32 rounding that the batch size of a call can change.
+`seed`, drawn as `SR3Engine.sample` draws it (the initial state, then each step's noise as the
+backend's `step_noise` takes it: the generator's draws, or on fused CUDA a seed for the posterior
+kernel), and its tiles are blended in grid order whatever calls they travel in. When its output
+is exactly one tile it equals `engine.sample` with that seed, to the float32 rounding that the
+batch size of a call can change.
 
 The worker. Each iteration it (1) drops requests whose caller cancelled their future or whose
 deadline passed, so their tiles leave at the next call; (2) admits waiting requests while the
@@ -26,9 +29,10 @@ call, with one noise level per tile; (5) blends every tile's output into its req
 request whose step's tiles are all back is advanced by `samplers.posterior_update` with its own
 plan, noise and multistep history; a request past its last step is finished and its future set.
 
-Service order (fairness as data, see `SchedulerConfig`): a request that has waited longer than
-`max_wait` seconds for a tile goes first, longest waiting first, so no request starves; the
-others go shortest remaining work first (denoised pixels left in its plan), so a small request
+Service order (fairness as data, see `SchedulerConfig`): a request whose last step was done
+more than `max_wait` seconds ago goes first, longest waiting first, until its current step is
+done, so no request starves and every one advances at least a step per `max_wait`; the others
+go shortest remaining work first (denoised pixels left in its plan), so a small request
 is never stuck behind a large one for the large one's whole run: it waits for at most the call
 in progress. Admission is first come, first served, except that a request that fits may pass
 one that does not, until that one has waited `max_wait`.
@@ -43,12 +47,16 @@ memory budget holds (`tiling.working_bytes`, the engine's `max_memory`), at most
 larger call only makes every request in it wait; on CUDA at most 32.
 
 `close()` stops admitting, finishes everything accepted, then returns; `close(drain=False)`
-fails what is left with `SchedulerClosedError`.
+fails what is left with `SchedulerClosedError`. An unexpected error in the worker fails every
+request it holds and closes the scheduler (`broken` says why), so no future waits forever.
+`warm_up()` runs every tile side at every batch size a call can have, twice, before serving,
+so that backends that trace or capture a shape (fused) do so before the first request.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import math
@@ -61,8 +69,9 @@ import torch
 
 from ..config import UNetConfig
 from ..diffusion import output_image, pad_to
-from ..samplers import (GeneratorNoise, SamplerConfig, SamplingPlan, finish_sampling, posterior_update,
+from ..samplers import (NoiseSource, SamplerConfig, SamplingPlan, finish_sampling, make_plan, posterior_update,
                         raise_if_nonfinite, start_sampling)
+from ..schedules import NoiseSchedule
 from ..runtime.engine import SR3Engine
 from ..runtime.tiling import (WORKSPACE_BYTES, MemoryBudgetError, TileBlender, default_budget, default_overlap,
                               fixed_grid, working_bytes)
@@ -106,8 +115,9 @@ class SchedulerConfig:
     """Limits and fairness of a `Scheduler`; None means derived from the model and memory.
 
     `tile_sides`: the square tile shapes (output pixels, multiples of the U-Net's size
-    multiple) requests are cut into; default the largest side the memory budget holds, at most
-    256, with its half and quarter. `max_tiles_per_call`: most tiles of one denoiser call.
+    multiple) requests are cut into; default 256 (or the largest power-of-two side the memory
+    budget holds), its half and quarter, and each of them plus its overlap (272, 144, 80 for
+    demo-x4), so that a 256 x 256 output is one tile and a 512 or 2048 one is 2 x 2 or 8 x 8. `max_tiles_per_call`: most tiles of one denoiser call.
     `max_pixels_in_flight`: padded output pixels of all admitted requests together; default a
     memory budget's worth of request state. `max_queued`: requests waiting for admission.
     `max_wait`: seconds a request may wait for a tile, or for admission past a smaller one,
@@ -170,43 +180,39 @@ class _NoMetrics:
 
 @dataclasses.dataclass(eq=False)
 class _Request:
-    """One request's sampling state; after submit only the worker thread touches it."""
+    """One request: what `submit` checked, then, once admitted, its sampling state (which only
+    the worker thread touches)."""
 
     seq: int
     future: concurrent.futures.Future
     seed: int
-    crop: tuple[int, int]
-    x_up: torch.Tensor
-    tiles_x: torch.Tensor
-    plan: SamplingPlan
-    y: torch.Tensor
-    blender: TileBlender
-    noise: GeneratorNoise
-    nonfinite: torch.Tensor
-    history: torch.Tensor | None
+    lr: torch.Tensor
+    schedule: NoiseSchedule
+    sampler: SamplerConfig
+    side: int
+    tiles_per_step: int
+    num_steps: int
+    pixels: int
     submitted: float
     deadline: float | None
+    crop: tuple[int, int] = (0, 0)
+    x_up: torch.Tensor | None = None
+    tiles_x: torch.Tensor | None = None
+    plan: SamplingPlan | None = None
+    y: torch.Tensor | None = None
+    blender: TileBlender | None = None
+    noise: NoiseSource | None = None
+    nonfinite: torch.Tensor | None = None
+    history: torch.Tensor | None = None
+    output: torch.Tensor | None = None
     step: int = 0
     next_tile: int = 0
     admitted: float = 0.0
-    last_served: float = 0.0
-    output: torch.Tensor | None = None
-
-    @property
-    def side(self) -> int:
-        return self.blender.grid.tile[0]
-
-    @property
-    def pixels(self) -> int:
-        return self.x_up.shape[-2] * self.x_up.shape[-1]
-
-    @property
-    def tiles_per_step(self) -> int:
-        return len(self.blender.places)
+    last_step: float = 0.0
 
     @property
     def remaining_work(self) -> int:
-        tiles = (self.plan.num_steps - self.step) * self.tiles_per_step - self.next_tile
+        tiles = (self.num_steps - self.step) * self.tiles_per_step - self.next_tile
         return tiles * self.side * self.side
 
 
@@ -230,11 +236,14 @@ class Scheduler:
         self._denoisers = {side: engine.backend.tile_denoiser(self.capacity[side]) for side in self.tile_sides}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        # Held around every denoiser call: warm-up runs in its caller's thread, calls in the worker's.
+        self._device = threading.Lock()
         self._waiting: list[_Request] = []
         self._running: list[_Request] = []
         self._closed = False
+        self.broken: str | None = None
         self._seq = 0
-        self._tiles_per_second = 0.0
+        self._pixels_per_second = 0.0
         self._worker = threading.Thread(target=self._serve, name="sr3-scheduler", daemon=True)
         self._worker.start()
 
@@ -256,10 +265,15 @@ class Scheduler:
         else:
             largest = DEFAULT_LARGEST_TILE // multiple * multiple
             while self._model_config is not None and largest > multiple and \
-                    working_bytes(self._model_config, 1, largest, largest, self.engine.dtype.itemsize) > self._budget:
+                    working_bytes(self._model_config, 1, largest + 2 * default_overlap(largest, multiple),
+                                  largest + 2 * default_overlap(largest, multiple),
+                                  self.engine.dtype.itemsize) > self._budget:
                 largest = largest // 2 // multiple * multiple
-            sides = sorted({s for s in (largest, largest // 2 // multiple * multiple, largest // 4 // multiple * multiple)
-                            if s >= 2 * default_overlap(s, multiple) + multiple} or {largest})
+            bases = {largest, largest // 2 // multiple * multiple, largest // 4 // multiple * multiple}
+            # Each base side, and the base plus its overlap: n tiles of that cover n x base exactly,
+            # so outputs of power-of-two sides are tiled with no more than the overlaps.
+            sides = sorted({side for base in bases for side in (base, base + default_overlap(base, multiple))
+                            if base >= 2 * default_overlap(base, multiple) + multiple} or {largest})
         if largest_side is not None:
             sides = [side for side in sides if side <= largest_side]
             if not sides:
@@ -300,6 +314,20 @@ class Scheduler:
                 best = (cost, side, grid.count, size[0] * size[1])
         return best[1], best[2], best[3]
 
+    def warm_up(self) -> None:
+        """Run every tile side at every batch size a call can have (on CUDA: one and the
+        capacity) twice, so that a backend that traces or captures a shape has done so."""
+        engine = self.engine
+        with torch.inference_mode(), self._device:
+            for side, denoise in self._denoisers.items():
+                capacity = self.capacity[side]
+                sizes = (1, capacity) if engine.device.type == "cuda" else range(1, capacity + 1)
+                for n in sorted(set(sizes)):
+                    x = torch.zeros(n, 3, side, side, dtype=engine.dtype, device=engine.device)
+                    level = torch.full((n,), 0.5, device=engine.device)
+                    for _ in range(2):
+                        denoise(x, x, level)
+
     def submit(self, image: torch.Tensor, *, steps: int | None = None, sampler: str | SamplerConfig | None = None,
                strength: float | None = None, seed: int | None = None,
                deadline: float | None = None) -> concurrent.futures.Future:
@@ -326,29 +354,18 @@ class Scheduler:
             raise ValueError(f"steps must be in [1, {self.engine.schedule.config.steps}] for this model's schedule; "
                              f"got {steps}") from None
         config = self.engine.sampler_config(sampler, strength=strength)
-        x_up = self.engine.condition(lr)
-        side, _, pixels = self.tiling_for(*x_up.shape[-2:])
+        num_steps = make_plan(schedule, config, self.engine.prediction).num_steps
+        # Sized from the input's shape, before the condition (scale^2 times its pixels) exists.
+        multiple, scale = self.engine.size_multiple, self.engine.scale
+        height, width = (-(-lr.shape[-2] * scale // multiple) * multiple, -(-lr.shape[-1] * scale // multiple) * multiple)
+        side, tiles, pixels = self.tiling_for(height, width)
         if pixels > self.max_pixels_in_flight:
             self.metrics.rejected("too_large")
             raise RequestTooLargeError(f"the output needs {pixels} pixels in flight (padded); the scheduler allows "
                                        f"{self.max_pixels_in_flight}")
-        with self._lock:
-            # Checked before the work of building the state, and again below for a race.
-            self._refuse_if_full()
-        x_up = pad_to(x_up, max(x_up.shape[-2], side), max(x_up.shape[-1], side))
-        generator = torch.Generator().manual_seed(seed)
-        plan, y_T = start_sampling(x_up, schedule, config, prediction=self.engine.prediction,
-                                   residual_scale=self.engine.residual_scale, generator=generator)
-        grid = fixed_grid(tuple(x_up.shape[-2:]), side, default_overlap(side, self.engine.size_multiple),
-                          self.capacity[side])
-        request = _Request(
-            seq=0, future=concurrent.futures.Future(), seed=seed,
-            crop=(lr.shape[-2] * self.engine.scale, lr.shape[-1] * self.engine.scale),
-            x_up=x_up, tiles_x=x_up[0].to(self.engine.dtype), plan=plan, y=y_T.float(),
-            blender=TileBlender(grid, self.engine.device), noise=GeneratorNoise(generator),
-            nonfinite=torch.zeros(plan.num_steps, dtype=torch.bool, device=self.engine.device),
-            history=torch.zeros_like(y_T, dtype=torch.float32) if plan.multistep else None,
-            submitted=submitted, deadline=None if deadline is None else submitted + deadline)
+        request = _Request(seq=0, future=concurrent.futures.Future(), seed=seed, lr=lr.detach().float().cpu(),
+                           schedule=schedule, sampler=config, side=side, tiles_per_step=tiles, num_steps=num_steps,
+                           pixels=pixels, submitted=submitted, deadline=None if deadline is None else submitted + deadline)
         with self._wake:
             self._refuse_if_full()
             self._seq += 1
@@ -360,16 +377,18 @@ class Scheduler:
     def _refuse_if_full(self) -> None:
         if self._closed:
             self.metrics.rejected("closed")
-            raise SchedulerClosedError("the scheduler is shutting down and admits no new request")
+            reason = f" (it stopped on an error: {self.broken})" if self.broken else ""
+            raise SchedulerClosedError(f"the scheduler is shutting down and admits no new request{reason}")
         if len(self._waiting) >= self.config.max_queued:
             self.metrics.rejected("queue_full")
             raise QueueFullError(f"the queue is full ({len(self._waiting)} requests waiting); retry later",
                                  self._retry_after())
 
     def _retry_after(self) -> float:
-        """Seconds until the work ahead of a new request is done, at the measured tile rate."""
-        work = sum(r.remaining_work / (r.side * r.side) for r in self._waiting + self._running)
-        return max(1.0, work / self._tiles_per_second) if self._tiles_per_second > 0 else 1.0
+        """Seconds until the first running request is done (a place frees), at the measured rate."""
+        if not self._running or self._pixels_per_second <= 0:
+            return 1.0
+        return max(1.0, min(r.remaining_work for r in self._running) / self._pixels_per_second)
 
     def stats(self) -> dict[str, int]:
         """Requests waiting and running, and the padded output pixels of the running ones."""
@@ -398,29 +417,48 @@ class Scheduler:
     def _serve(self) -> None:
         with torch.inference_mode():
             while True:
-                dropped, batch = self._next_batch()
-                for request, error, outcome in dropped:
-                    self._fail(request, error, outcome)
-                if batch is None:
+                try:
+                    admitted, dropped, batch = self._next_batch()
+                    for request, error, outcome in dropped:
+                        self._fail(request, error, outcome)
+                    for request in admitted:
+                        self._start(request)
+                    if batch is None:
+                        return
+                    if batch:
+                        self._execute(batch)
+                except BaseException as error:  # noqa: BLE001  (no future may wait on a dead worker)
+                    logger.exception("the scheduler's worker stopped on an unexpected error")
+                    self._break(error)
                     return
-                if batch:
-                    self._execute(batch)
 
-    def _next_batch(self) -> tuple[list[tuple[_Request, BaseException | None, str]],
+    def _break(self, error: BaseException) -> None:
+        with self._wake:
+            self.broken = " ".join(str(error).split()) or type(error).__name__
+            self._closed = True
+            abandoned, self._waiting, self._running = self._waiting + self._running, [], []
+        for request in abandoned:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                request.future.set_exception(SchedulerClosedError(f"the scheduler stopped on an error: {self.broken}"))
+
+    def _next_batch(self) -> tuple[list[_Request], list[tuple[_Request, BaseException | None, str]],
                                    list[tuple[_Request, int]] | None]:
-        """The requests dropped (cancelled or past their deadline) with why, and the next call's
-        tiles as (request, tile index): None once closed and drained."""
+        """The requests just admitted (their state is built outside the lock), those dropped
+        (cancelled or past their deadline) with why, and the next call's tiles as (request, tile
+        index), in an order where every admitted request is built before it is picked: None once
+        closed and drained."""
         with self._wake:
             while True:
                 now = time.monotonic()
                 dropped = self._drop_abandoned(now)
-                self._admit(now)
+                admitted = self._admit(now)
+                if admitted:
+                    return admitted, dropped, []
                 if dropped or self._running:
-                    return dropped, self._pick(now) if self._running else []
-                if self._closed and not self._waiting:
-                    return [], None
-                deadlines = [r.deadline for r in self._waiting if r.deadline is not None]
-                self._wake.wait(None if not deadlines else max(0.0, min(deadlines) - now))
+                    return [], dropped, self._pick(now) if self._running else []
+                if self._closed:
+                    return [], [], None
+                self._wake.wait()
 
     def _drop_abandoned(self, now: float) -> list[tuple[_Request, BaseException | None, str]]:
         dropped = []
@@ -431,27 +469,54 @@ class Scheduler:
                 elif request.deadline is not None and now > request.deadline:
                     dropped.append((request, DeadlineExceeded(
                         f"the deadline of {request.deadline - request.submitted:.3g} s passed at step "
-                        f"{request.step + 1} of {request.plan.num_steps}"), "deadline"))
+                        f"{request.step + 1} of {request.num_steps}"), "deadline"))
                 else:
                     continue
                 queue.remove(request)
         return dropped
 
-    def _admit(self, now: float) -> None:
+    def _admit(self, now: float) -> list[_Request]:
         in_flight = sum(r.pixels for r in self._running)
+        admitted = []
         for request in list(self._waiting):
             if in_flight + request.pixels <= self.max_pixels_in_flight:
                 self._waiting.remove(request)
-                request.admitted = request.last_served = now
+                request.admitted = request.last_step = now
                 self._running.append(request)
+                admitted.append(request)
                 in_flight += request.pixels
             elif now - request.submitted > self.config.max_wait:
                 # It has waited long enough: nothing more passes it.
                 break
+        return admitted
+
+    def _start(self, request: _Request) -> None:
+        """Build an admitted request's condition, plan, initial state and tiles (the worker's
+        thread, outside the lock); a failure fails the request alone."""
+        engine = self.engine
+        try:
+            x_up = engine.condition(request.lr)
+            request.crop = (request.lr.shape[-2] * engine.scale, request.lr.shape[-1] * engine.scale)
+            x_up = pad_to(x_up, max(x_up.shape[-2], request.side), max(x_up.shape[-1], request.side))
+            generator = torch.Generator().manual_seed(request.seed)
+            plan, y_T = start_sampling(x_up, request.schedule, request.sampler, prediction=engine.prediction,
+                                       residual_scale=engine.residual_scale, generator=generator)
+            grid = fixed_grid(tuple(x_up.shape[-2:]), request.side,
+                              default_overlap(request.side, engine.size_multiple), self.capacity[request.side])
+            request.x_up, request.tiles_x, request.plan = x_up, x_up[0].to(engine.dtype), plan
+            request.y = y_T.float()
+            request.blender = TileBlender(grid, engine.device)
+            request.noise = engine.backend.step_noise(generator)
+            request.nonfinite = torch.zeros(plan.num_steps, dtype=torch.bool, device=engine.device)
+            request.history = torch.zeros_like(request.y) if plan.multistep else None
+            request.output = torch.zeros_like(request.y)
+        except Exception as error:  # noqa: BLE001  (this request's failure, e.g. out of memory)
+            self._remove(request)
+            self._fail(request, error, "error")
 
     def _pick(self, now: float) -> list[tuple[_Request, int]]:
         def order(request: _Request) -> tuple:
-            waited = now - request.last_served
+            waited = now - request.last_step
             if waited > self.config.max_wait:
                 return (0, -waited, request.seq)
             return (1, request.remaining_work, request.seq)
@@ -478,24 +543,23 @@ class Scheduler:
             y_tiles = torch.stack([r.blender.cut(r.y[0], r.blender.places[t]) for r, t in batch]).to(engine.dtype)
             levels = torch.tensor([float(r.plan.noise_level[r.step]) for r, _ in batch], dtype=torch.float32,
                                   device=engine.device)
-            output = self._denoisers[side](x_tiles, y_tiles, levels)
+            with self._device:
+                output = self._denoisers[side](x_tiles, y_tiles, levels)
+            if tuple(output.shape) != tuple(y_tiles.shape):
+                raise RuntimeError(f"the denoiser returned {tuple(output.shape)} for tiles of {tuple(y_tiles.shape)}")
             for k, (request, tile) in enumerate(batch):
-                if request.output is None:
-                    request.output = torch.zeros_like(request.y)
                 request.blender.add(request.output[0], request.blender.places[tile], output[k])
         except Exception as error:  # noqa: BLE001  (every request of the call learns why it failed)
             logger.exception("a denoiser call on %d tiles of %d pixels failed", len(batch), side)
-            for request in {r for r, _ in batch}:
+            for request in dict.fromkeys(r for r, _ in batch):
                 self._remove(request)
                 self._fail(request, error, "error")
             return
         elapsed = time.perf_counter() - started
-        self._tiles_per_second = len(batch) / elapsed if self._tiles_per_second == 0 else (
-            0.9 * self._tiles_per_second + 0.1 * len(batch) / elapsed)
+        rate = len(batch) * side * side / elapsed
+        self._pixels_per_second = rate if self._pixels_per_second == 0 else 0.9 * self._pixels_per_second + 0.1 * rate
         self.metrics.denoiser_call(len(batch), side, elapsed)
-        now = time.monotonic()
         for request in dict.fromkeys(r for r, _ in batch):
-            request.last_served = now
             request.next_tile += sum(1 for r, _ in batch if r is request)
             if request.next_tile == request.tiles_per_step:
                 self._advance(request)
@@ -509,6 +573,7 @@ class Scheduler:
             request.output.zero_()
             request.step += 1
             request.next_tile = 0
+            request.last_step = time.monotonic()
             if request.step < request.plan.num_steps:
                 return
             raise_if_nonfinite(request.nonfinite, request.plan)
@@ -538,7 +603,5 @@ class Scheduler:
         self.metrics.finished(outcome, time.monotonic() - request.submitted, 0)
         if error is None:
             return
-        try:
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
             request.future.set_exception(error)
-        except concurrent.futures.InvalidStateError:
-            pass

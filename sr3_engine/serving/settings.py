@@ -7,25 +7,35 @@ installed, and so that Ray can ship settings to its replicas, which build their 
 from __future__ import annotations
 
 import dataclasses
+
+import torch
 from ..io import DEFAULT_MAX_PIXELS
 from ..runtime.engine import PRECISIONS, SR3Engine
 from .scheduler import SchedulerConfig
 
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 2**20
 DEFAULT_TIMEOUT = 600.0
+DEFAULT_UPLOAD_TIMEOUT = 60.0
+FUSED_MAX_GRAPHS = 64
 
 
 @dataclasses.dataclass(frozen=True)
 class ServiceConfig:
-    """Limits of the HTTP front: upload bytes, decoded input pixels, the longest a request may
-    take (seconds; a request's own `deadline` may only shorten it), the API key, and whether
-    to warm up before reporting ready."""
+    """Limits of the HTTP front: upload bytes, the seconds an upload may take to arrive, decoded
+    input pixels, the longest a request may take (seconds; a request's own `deadline` may only
+    shorten it), the API key (None: none; never empty), and whether to warm up before
+    reporting ready."""
 
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    upload_timeout: float = DEFAULT_UPLOAD_TIMEOUT
     max_pixels: int = DEFAULT_MAX_PIXELS
     timeout: float = DEFAULT_TIMEOUT
     api_key: str | None = None
     warm_up: bool = True
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key is empty; unset it to serve without one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +46,7 @@ class ServeSettings:
 
     model: str
     backend: str = "fused"
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str = "fp32"
     max_memory: int | None = None
     backend_options: tuple[tuple[str, object], ...] = ()
@@ -47,6 +57,13 @@ class ServeSettings:
         """The engine these settings describe (loads the model)."""
         if self.dtype not in PRECISIONS:
             raise ValueError(f"dtype must be one of {tuple(PRECISIONS)}; got {self.dtype!r}")
-        return SR3Engine.from_pretrained(self.model, backend=self.backend, device=self.device,
+        options = dict(self.backend_options)
+        if self.backend == "fused":
+            # A traced or captured denoiser per tile shape and batch size: keep every one of them.
+            options.setdefault("max_graphs", FUSED_MAX_GRAPHS)
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return SR3Engine.from_pretrained(self.model, backend=self.backend, device=device,
                                          dtype=PRECISIONS[self.dtype], progress=False, max_memory=self.max_memory,
-                                         backend_options=dict(self.backend_options))
+                                         backend_options=options)

@@ -6,7 +6,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from ...samplers import Denoiser, SamplingPlan, StepCallback, run_plan
+from ...samplers import Denoiser, NoiseSource, SamplingPlan, StepCallback, run_plan
 from ..tiling import TileGrid, TiledDenoiser
 
 
@@ -26,6 +26,12 @@ class Backend(Protocol):
     def run(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, *,
             generator: torch.Generator | None, callback: StepCallback | None,
             tiles: TileGrid | None = None) -> torch.Tensor: ...
+
+    def step_noise(self, generator: torch.Generator | None) -> NoiseSource:
+        """Where a run that steps the plan itself (tiled, or the serving scheduler) takes each
+        step's noise for a caller's `generator`: the generator's own draws, or on fused CUDA a
+        seed for the posterior kernel, as the backend's own runs take it."""
+        ...
 
     def tile_denoiser(self, capacity: int) -> Denoiser:
         """The denoiser the serving scheduler calls on batches of at most `capacity` tiles of one

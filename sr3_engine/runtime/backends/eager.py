@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ...samplers import Denoiser, SamplingPlan, StepCallback
+from ...samplers import Denoiser, GeneratorNoise, NoiseSource, SamplingPlan, StepCallback
 from ...unet import set_op_backend
 from ..tiling import TileGrid
 from .base import run_eagerly
@@ -27,6 +27,9 @@ class EagerBackend:
             tiles: TileGrid | None = None) -> torch.Tensor:
         return run_eagerly(self.model, self.device, x_up.to(self.dtype), y_T, plan, generator=generator,
                            callback=callback, tiles=tiles, op_backend=self.op_backend)
+
+    def step_noise(self, generator: torch.Generator | None) -> NoiseSource:
+        return GeneratorNoise(generator)
 
     def tile_denoiser(self, capacity: int) -> Denoiser:
         return self.model

@@ -62,8 +62,8 @@ import torch.nn as nn
 from ... import ops
 from ...config import UNetConfig
 from ...diffusion import generator_device, randn
-from ...samplers import (Denoiser, GeneratorNoise, GivenNoise, SamplingPlan, SeededNoise, StepCallback, level_tensors,
-                         raise_if_nonfinite, run_steps)
+from ...samplers import (Denoiser, GeneratorNoise, GivenNoise, NoiseSource, SamplingPlan, SeededNoise, StepCallback,
+                         level_tensors, raise_if_nonfinite, run_steps)
 from ...unet import set_op_backend
 from ..tiling import TileGrid, TiledDenoiser
 from .base import BackendUnavailableError, run_eagerly
@@ -197,7 +197,7 @@ class FusedBackend:
         loop.x_up.copy_(x_up)
         loop.y.copy_(y_T)
         if loop.noise is None:
-            loop.seed.fill_(int(torch.randint(0, 2**62, (), generator=generator, device=generator_device(generator))))
+            loop.seed.fill_(_draw_seed(generator))
         else:
             for i in range(plan.num_steps):
                 if plan.sigma[i] != 0.0:
@@ -211,6 +211,13 @@ class FusedBackend:
             for i in range(plan.num_steps):
                 callback(i, plan.num_steps, y0)
         return y0
+
+    def step_noise(self, generator: torch.Generator | None) -> NoiseSource:
+        """On CUDA with in-kernel noise, a seed drawn from `generator` that the posterior kernel
+        reads (what the captured loop and the tiled loop draw); else the generator's own noise."""
+        if self.device.type == "cuda" and self.in_kernel_noise:
+            return SeededNoise(_draw_seed(generator))
+        return GeneratorNoise(generator)
 
     def tile_denoiser(self, capacity: int) -> Denoiser:
         """On the CPU the frozen graphs of each batch shape; on CUDA the graph captured for
@@ -252,11 +259,7 @@ class FusedBackend:
 
     def _run_tiled(self, x_up: torch.Tensor, y_T: torch.Tensor, plan: SamplingPlan, tiles: TileGrid, *,
                    generator: torch.Generator | None, callback: StepCallback | None) -> torch.Tensor:
-        if self.in_kernel_noise:
-            noise = SeededNoise(int(torch.randint(0, 2**62, (), generator=generator,
-                                                  device=generator_device(generator))))
-        else:
-            noise = GeneratorNoise(generator)
+        noise = self.step_noise(generator)
         denoise = TiledDenoiser(functools.partial(self._graphed_denoise, tiles.tiles_per_call), tiles, self.device)
         nonfinite = torch.zeros(plan.num_steps, dtype=torch.bool, device=self.device)
         # no_grad, not inference_mode: the graphs' static buffers must stay ordinary tensors.
@@ -339,6 +342,11 @@ class FusedBackend:
                 with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device)):
                     out = loop(range(plan.num_steps))
         return _CapturedLoop(graph, static_x, static_y, levels, seed, noise_buffer, nonfinite, out)
+
+
+def _draw_seed(generator: torch.Generator | None) -> int:
+    """The in-kernel noise seed of one run, drawn from the caller's generator."""
+    return int(torch.randint(0, 2**62, (), generator=generator, device=generator_device(generator)))
 
 
 def _plan_digest(plan: SamplingPlan) -> str:

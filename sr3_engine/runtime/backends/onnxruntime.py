@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ...samplers import Denoiser, SamplingPlan, StepCallback
+from ...samplers import Denoiser, GeneratorNoise, NoiseSource, SamplingPlan, StepCallback
 from ..onnx_export import DEFAULT_OPSET, ExportError, export_onnx, output_name
 from ..tiling import TileGrid
 from .base import BackendUnavailableError, run_eagerly
@@ -123,6 +123,9 @@ class OnnxRuntimeBackend:
             tiles: TileGrid | None = None) -> torch.Tensor:
         return run_eagerly(self.denoise, self.device, x_up.to(self.dtype), y_T, plan, generator=generator,
                            callback=callback, tiles=tiles, op_backend=self.op_backend)
+
+    def step_noise(self, generator: torch.Generator | None) -> NoiseSource:
+        return GeneratorNoise(generator)
 
     def tile_denoiser(self, capacity: int) -> Denoiser:
         return self.denoise

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from ...io import atomic_path
-from ...samplers import Denoiser, SamplingPlan, StepCallback
+from ...samplers import Denoiser, GeneratorNoise, NoiseSource, SamplingPlan, StepCallback
 from ..onnx_export import export_onnx
 from ..tiling import TileGrid
 from .base import BackendUnavailableError, run_eagerly
@@ -207,6 +207,9 @@ class TensorRTBackend:
             tiles: TileGrid | None = None) -> torch.Tensor:
         return run_eagerly(self.denoise, self.device, x_up.to(self.dtype), y_T, plan, generator=generator,
                            callback=callback, tiles=tiles, op_backend=self.op_backend)
+
+    def step_noise(self, generator: torch.Generator | None) -> NoiseSource:
+        return GeneratorNoise(generator)
 
     def tile_denoiser(self, capacity: int) -> Denoiser:
         return self.denoise
