@@ -30,7 +30,7 @@ def test_the_config_file_builds_the_deployment_it_configures():
     assert [d["name"] for d in app["deployments"]] == [ray_serve.DEPLOYMENT_NAME]
     assert isinstance(ray_serve.build(app["args"]), serve.Application)
     settings = ray_serve.settings_from_args(app["args"])
-    assert settings.model == "demo-x4" and settings.scheduler == SchedulerConfig(max_queued=64, max_wait=5.0)
+    assert settings.model == "demo-x4" and settings.scheduler == SchedulerConfig(max_queued=64, aging=5.0)
     assert dict(settings.backend_options) == {"max_graphs": 64}
     with pytest.raises(ValueError, match="unknown settings \\['modle'\\]"):
         ray_serve.settings_from_args({"modle": "demo-x4"})

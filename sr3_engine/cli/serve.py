@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=positive_int, default=SchedulerConfig.max_queued, metavar="N",
                         help=f"requests waiting for admission; more are answered 503 "
                         f"(default {SchedulerConfig.max_queued})")
-    parser.add_argument("--max-wait", type=positive_float, default=SchedulerConfig.max_wait, metavar="SECONDS",
-                        help=f"a request waiting this long for a tile goes first (default {SchedulerConfig.max_wait})")
+    parser.add_argument("--aging", type=positive_float, default=SchedulerConfig.aging, metavar="SECONDS",
+                        help="a waiting request's remaining work counts 1 / (1 + waited / SECONDS) in the "
+                        f"shortest-first order, so none starves (default {SchedulerConfig.aging:g})")
     parser.add_argument("--max-upload", type=byte_size, default=DEFAULT_MAX_UPLOAD_BYTES, metavar="SIZE",
                         help=f"largest upload; larger ones are answered 413 (default {DEFAULT_MAX_UPLOAD_BYTES >> 20}M)")
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
@@ -101,7 +102,7 @@ def settings_from(args: argparse.Namespace) -> ServeSettings:
     try:
         scheduler = SchedulerConfig(tile_sides=args.tile_sides, max_tiles_per_call=args.max_tiles_per_call,
                                     max_pixels_in_flight=args.max_pixels_in_flight, max_queued=args.max_queue,
-                                    max_wait=args.max_wait)
+                                    aging=args.aging)
         service = ServiceConfig(max_upload_bytes=args.max_upload, upload_timeout=args.upload_timeout,
                                 max_pixels=args.max_pixels, timeout=args.timeout,
                                 api_key=os.environ.get(args.api_key_env), warm_up=not args.no_warm_up)

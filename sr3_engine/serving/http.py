@@ -10,7 +10,8 @@ Content-Length when it sends one, else as soon as the body passes the limit, wit
 the rest); an image over `max_pixels` is 413 before it is decoded (the decompression-bomb guard
 of the upscale command, `io.decode_image`); a body that is no image format we decode, or a
 Content-Type that is not an image, is 415; a corrupt image 400; a parameter out of range 422;
-a request that cannot finish within its deadline 504; a full queue 503 with Retry-After. Every
+a request that cannot finish within its deadline 504; an upload slower than `upload_timeout`
+408; a full queue 503 with Retry-After. Every
 error is a JSON body {"error": "<one line>"}. Clients send bytes, never paths.
 
 The response is a PNG with headers X-Seed (the seed that reproduces it), X-Tile-Side,
@@ -20,9 +21,9 @@ and `outscale` resizes the output as the upscale command's --outscale does.
 With an API key (`ServiceConfig.api_key`, from an environment variable in the serve command),
 /v1/* and /metrics need `Authorization: Bearer <key>`, compared in constant time.
 
-Lifecycle: the app's lifespan starts warm-up in a thread (one request of each tile side,
-twice, so that backends that trace or capture on a shape's first or second call have done so)
-and, at shutdown (uvicorn runs it after answering every open request, e.g. on SIGTERM), closes
+Lifecycle: the app's lifespan starts warm-up in a thread (`Scheduler.warm_up`: every tile
+shape at every batch size, so that backends that trace or capture a shape have done so; then
+one request of each tile side) and, at shutdown (uvicorn runs it after answering every open request, e.g. on SIGTERM), closes
 the scheduler after it has finished everything it accepted.
 """
 

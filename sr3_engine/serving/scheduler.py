@@ -9,9 +9,11 @@ continuous batching of language-model serving, applied to diffusion super-resolu
 Requests. `submit` checks the image and the settings in the caller's thread and returns a
 `concurrent.futures.Future` at once; the condition, plan and initial state are built when the
 request is admitted, so a queued request holds only its small input image. The request is cut into
-square tiles of one side from `tile_sides` (a few shape classes, output pixels): the side whose
-grid covers the image with the fewest denoised pixels, the larger side on a tie; an image
-smaller than its tile is padded up to it (the condition by replicating its edge, as
+square tiles of one side from `tile_sides` (a few shape classes, output pixels): the smallest
+side whose grid covers the image with at most `TILE_SLACK` (15%) more denoised pixels than the
+fewest any side needs, since shorter calls make every other request wait less for the call in
+progress and spread a large request over more of them; an image smaller than its tile is padded
+up to it (the condition by replicating its edge, as
 `diffusion.condition` pads to the U-Net's multiple). A request's output depends only on its
 image, its settings and its seed: its noise comes from its own CPU generator, seeded by
 `seed`, drawn as `SR3Engine.sample` draws it (the initial state, then each step's noise as the
@@ -29,13 +31,13 @@ call, with one noise level per tile; (5) blends every tile's output into its req
 request whose step's tiles are all back is advanced by `samplers.posterior_update` with its own
 plan, noise and multistep history; a request past its last step is finished and its future set.
 
-Service order (fairness as data, see `SchedulerConfig`): a request whose last step was done
-more than `max_wait` seconds ago goes first, longest waiting first, until its current step is
-done, so no request starves and every one advances at least a step per `max_wait`; the others
-go shortest remaining work first (denoised pixels left in its plan), so a small request
-is never stuck behind a large one for the large one's whole run: it waits for at most the call
-in progress. Admission is first come, first served, except that a request that fits may pass
-one that does not, until that one has waited `max_wait`.
+Service order (fairness as data, see `SchedulerConfig`): shortest remaining work first (the
+denoised pixels left in a request's plan), aged: a request's remaining work counts divided by
+1 + (seconds since it was submitted) / `aging`. A new small request therefore goes before a large
+one and waits for at most the call in progress, never for the large one's whole run; and a
+request that has waited k x `aging` seconds goes before fresh ones k + 1 times smaller, so no
+request starves however many small ones keep coming. Admission is first come, first served,
+except that a request that fits may pass one that does not, until that one has waited `aging`.
 
 Limits. `max_queued` requests may wait for admission; past it `submit` raises `QueueFullError`
 at once, with a retry-after estimate. A request needing more pixels than `max_pixels_in_flight`
@@ -83,6 +85,8 @@ logger = logging.getLogger(__name__)
 STATE_BYTES_PER_PIXEL = 3 * 4 * 8
 DEFAULT_LARGEST_TILE = 256
 DEFAULT_CUDA_TILES_PER_CALL = 32
+# How many more denoised pixels a smaller tile side may cost than the side that costs fewest.
+TILE_SLACK = 0.15
 MAX_SEED = 2**63 - 1
 
 
@@ -117,18 +121,19 @@ class SchedulerConfig:
     `tile_sides`: the square tile shapes (output pixels, multiples of the U-Net's size
     multiple) requests are cut into; default 256 (or the largest power-of-two side the memory
     budget holds), its half and quarter, and each of them plus its overlap (272, 144, 80 for
-    demo-x4), so that a 256 x 256 output is one tile and a 512 or 2048 one is 2 x 2 or 8 x 8. `max_tiles_per_call`: most tiles of one denoiser call.
+    demo-x4), so that n tiles of one cover n times its base exactly.
+    `max_tiles_per_call`: most tiles of one denoiser call.
     `max_pixels_in_flight`: padded output pixels of all admitted requests together; default a
     memory budget's worth of request state. `max_queued`: requests waiting for admission.
-    `max_wait`: seconds a request may wait for a tile, or for admission past a smaller one,
-    before it goes first.
+    `aging`: seconds over which a waiting request's remaining work counts one more time less in
+    the service order (and how long a request waits for admission before none may pass it).
     """
 
     tile_sides: tuple[int, ...] | None = None
     max_tiles_per_call: int | None = None
     max_pixels_in_flight: int | None = None
     max_queued: int = 64
-    max_wait: float = 5.0
+    aging: float = 5.0
 
     def __post_init__(self) -> None:
         if self.tile_sides is not None and (not self.tile_sides or any(
@@ -140,8 +145,8 @@ class SchedulerConfig:
                 raise ValueError(f"SchedulerConfig.{name} must be a positive int or None; got {value!r}")
         if isinstance(self.max_queued, bool) or not isinstance(self.max_queued, int) or self.max_queued < 1:
             raise ValueError(f"SchedulerConfig.max_queued must be a positive int; got {self.max_queued!r}")
-        if not (isinstance(self.max_wait, (int, float)) and math.isfinite(self.max_wait) and self.max_wait > 0):
-            raise ValueError(f"SchedulerConfig.max_wait must be a positive number of seconds; got {self.max_wait!r}")
+        if not (isinstance(self.aging, (int, float)) and math.isfinite(self.aging) and self.aging > 0):
+            raise ValueError(f"SchedulerConfig.aging must be a positive number of seconds; got {self.aging!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +213,6 @@ class _Request:
     step: int = 0
     next_tile: int = 0
     admitted: float = 0.0
-    last_step: float = 0.0
 
     @property
     def remaining_work(self) -> int:
@@ -304,15 +308,16 @@ class Scheduler:
 
     def tiling_for(self, height: int, width: int) -> tuple[int, int, int]:
         """(tile side, tiles, padded pixels) for an output of height x width padded to the size
-        multiple: the side whose grid denoises the fewest pixels, the larger on a tie."""
-        best = None
+        multiple: the smallest side that denoises at most TILE_SLACK more pixels than the side
+        that denoises the fewest."""
+        options = []
         for side in self.tile_sides:
             size = (max(height, side), max(width, side))
             grid = fixed_grid(size, side, default_overlap(side, self.engine.size_multiple), 1)
-            cost = (grid.count * side * side, -side)
-            if best is None or cost < best[0]:
-                best = (cost, side, grid.count, size[0] * size[1])
-        return best[1], best[2], best[3]
+            options.append((grid.count * side * side, side, grid.count, size[0] * size[1]))
+        fewest = min(option[0] for option in options)
+        _, side, count, pixels = min((o for o in options if o[0] <= (1 + TILE_SLACK) * fewest), key=lambda o: o[1])
+        return side, count, pixels
 
     def warm_up(self) -> None:
         """Run every tile side at every batch size a call can have (on CUDA: one and the
@@ -481,11 +486,11 @@ class Scheduler:
         for request in list(self._waiting):
             if in_flight + request.pixels <= self.max_pixels_in_flight:
                 self._waiting.remove(request)
-                request.admitted = request.last_step = now
+                request.admitted = now
                 self._running.append(request)
                 admitted.append(request)
                 in_flight += request.pixels
-            elif now - request.submitted > self.config.max_wait:
+            elif now - request.submitted > self.config.aging:
                 # It has waited long enough: nothing more passes it.
                 break
         return admitted
@@ -516,10 +521,7 @@ class Scheduler:
 
     def _pick(self, now: float) -> list[tuple[_Request, int]]:
         def order(request: _Request) -> tuple:
-            waited = now - request.last_step
-            if waited > self.config.max_wait:
-                return (0, -waited, request.seq)
-            return (1, request.remaining_work, request.seq)
+            return (request.remaining_work / (1.0 + (now - request.submitted) / self.config.aging), request.seq)
 
         ranked = sorted(self._running, key=order)
         side = ranked[0].side
@@ -573,7 +575,6 @@ class Scheduler:
             request.output.zero_()
             request.step += 1
             request.next_tile = 0
-            request.last_step = time.monotonic()
             if request.step < request.plan.num_steps:
                 return
             raise_if_nonfinite(request.nonfinite, request.plan)
