@@ -221,9 +221,11 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:
-    """A (3, H, W) tensor in [0, 1] as an 8-bit RGB PIL image (rounded, not truncated)."""
-    array = (image.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-    return Image.fromarray(array.permute(1, 2, 0).cpu().numpy(), mode="RGB")
+    """A (3, H, W) tensor in [0, 1] as an 8-bit RGB PIL image (rounded half to even, not
+    truncated). In NumPy, which runs on the calling thread alone: torch would start a pool of
+    threads for each thread that calls it (a service's request threads), and idle pools spin."""
+    array = np.round(np.clip(image.detach().float().cpu().numpy(), 0.0, 1.0) * np.float32(255.0))
+    return Image.fromarray(array.astype(np.uint8).transpose(1, 2, 0), mode="RGB")
 
 
 def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -65,7 +65,7 @@ import math
 import secrets
 import threading
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -240,8 +240,8 @@ class Scheduler:
         self._denoisers = {side: engine.backend.tile_denoiser(self.capacity[side]) for side in self.tile_sides}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        # Held around every denoiser call: warm-up runs in its caller's thread, calls in the worker's.
-        self._device = threading.Lock()
+        # Work that must run on the worker's thread (warm-up), with the future it resolves.
+        self._chores: list[tuple[Callable[[], None], concurrent.futures.Future]] = []
         self._waiting: list[_Request] = []
         self._running: list[_Request] = []
         self._closed = False
@@ -321,17 +321,27 @@ class Scheduler:
 
     def warm_up(self) -> None:
         """Run every tile side at every batch size a call can have (on CUDA: one and the
-        capacity) twice, so that a backend that traces or captures a shape has done so."""
+        capacity) twice, so that a backend that traces or captures a shape has done so; in the
+        worker thread, between calls, like every denoiser call (one thread's pool of compute
+        threads, not one per calling thread)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            if self._closed:
+                raise SchedulerClosedError("the scheduler is shutting down")
+            self._chores.append((self._warm_up, done))
+            self._wake.notify()
+        done.result()
+
+    def _warm_up(self) -> None:
         engine = self.engine
-        with torch.inference_mode(), self._device:
-            for side, denoise in self._denoisers.items():
-                capacity = self.capacity[side]
-                sizes = (1, capacity) if engine.device.type == "cuda" else range(1, capacity + 1)
-                for n in sorted(set(sizes)):
-                    x = torch.zeros(n, 3, side, side, dtype=engine.dtype, device=engine.device)
-                    level = torch.full((n,), 0.5, device=engine.device)
-                    for _ in range(2):
-                        denoise(x, x, level)
+        for side, denoise in self._denoisers.items():
+            capacity = self.capacity[side]
+            sizes = (1, capacity) if engine.device.type == "cuda" else range(1, capacity + 1)
+            for n in sorted(set(sizes)):
+                x = torch.zeros(n, 3, side, side, dtype=engine.dtype, device=engine.device)
+                level = torch.full((n,), 0.5, device=engine.device)
+                for _ in range(2):
+                    denoise(x, x, level)
 
     def submit(self, image: torch.Tensor, *, steps: int | None = None, sampler: str | SamplerConfig | None = None,
                strength: float | None = None, seed: int | None = None,
@@ -423,6 +433,7 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 try:
+                    self._do_chores()
                     admitted, dropped, batch = self._next_batch()
                     for request, error, outcome in dropped:
                         self._fail(request, error, outcome)
@@ -437,11 +448,25 @@ class Scheduler:
                     self._break(error)
                     return
 
+    def _do_chores(self) -> None:
+        with self._lock:
+            chores, self._chores = self._chores, []
+        for chore, done in chores:
+            try:
+                chore()
+            except Exception as error:  # noqa: BLE001  (its caller learns why)
+                done.set_exception(error)
+            else:
+                done.set_result(None)
+
     def _break(self, error: BaseException) -> None:
         with self._wake:
             self.broken = " ".join(str(error).split()) or type(error).__name__
             self._closed = True
             abandoned, self._waiting, self._running = self._waiting + self._running, [], []
+            chores, self._chores = self._chores, []
+        for _, done in chores:
+            done.set_exception(SchedulerClosedError(f"the scheduler stopped on an error: {self.broken}"))
         for request in abandoned:
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 request.future.set_exception(SchedulerClosedError(f"the scheduler stopped on an error: {self.broken}"))
@@ -457,7 +482,7 @@ class Scheduler:
                 now = time.monotonic()
                 dropped = self._drop_abandoned(now)
                 admitted = self._admit(now)
-                if admitted:
+                if admitted or self._chores:
                     return admitted, dropped, []
                 if dropped or self._running:
                     return [], dropped, self._pick(now) if self._running else []
@@ -545,8 +570,7 @@ class Scheduler:
             y_tiles = torch.stack([r.blender.cut(r.y[0], r.blender.places[t]) for r, t in batch]).to(engine.dtype)
             levels = torch.tensor([float(r.plan.noise_level[r.step]) for r, _ in batch], dtype=torch.float32,
                                   device=engine.device)
-            with self._device:
-                output = self._denoisers[side](x_tiles, y_tiles, levels)
+            output = self._denoisers[side](x_tiles, y_tiles, levels)
             if tuple(output.shape) != tuple(y_tiles.shape):
                 raise RuntimeError(f"the denoiser returned {tuple(output.shape)} for tiles of {tuple(y_tiles.shape)}")
             for k, (request, tile) in enumerate(batch):
