@@ -13,7 +13,7 @@ from .test_bench import _document
 
 def test_the_stages_fit_the_time_budget_and_install_first(tmp_path):
     planned = gpu_check.stages(tmp_path, "python3", install=True)
-    assert [s.name for s in planned] == ["install", "correctness", "ops", "sample", "compile"]
+    assert [s.name for s in planned] == ["install", "correctness", "ops", "sample", "compile", "serve"]
     assert sum(s.timeout_s for s in planned) <= gpu_check.BUDGET_S <= 8 * 60
     install = dict(planned[0].env)
     assert install["SR3_ENGINE_REQUIRE_EXT"] == "1" and "CMAKE_CUDA_ARCHITECTURES=90" in install["CMAKE_ARGS"]
