@@ -135,7 +135,12 @@ def condition(lr: torch.Tensor, scale: int, size_multiple: int = 1, resampler: s
     else:
         x_up = resize.upsample(lr, scale, resampler) * 2.0 - 1.0
     height, width = x_up.shape[-2:]
-    return pad_to(x_up, height + (-height) % size_multiple, width + (-width) % size_multiple)
+    return pad_to(x_up, padded_length(height, size_multiple), padded_length(width, size_multiple))
+
+
+def padded_length(length: int, size_multiple: int) -> int:
+    """`length` rounded up to a multiple of `size_multiple`: a side of the condition."""
+    return length + (-length) % size_multiple
 
 
 def pad_to(x_up: torch.Tensor, height: int, width: int) -> torch.Tensor:

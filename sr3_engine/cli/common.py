@@ -16,7 +16,7 @@ import torch
 
 from ..io import one_line, printable
 from ..runtime.backends import BackendUnavailableError
-from ..runtime.engine import PRECISIONS, SR3Engine
+from ..runtime.engine import PRECISIONS, SR3Engine, auto_device
 from ..samplers import SAMPLERS, SamplerConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -162,7 +162,7 @@ def parse_device(name: str, *, local_rank: int | None = None) -> torch.device:
     """`--device` as a torch.device; `auto` is cuda when available, else cpu. Under torchrun a bare
     `cuda` becomes the process's own GPU, cuda:`local_rank`."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = auto_device()
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -103,11 +103,14 @@ def settings_from(args: argparse.Namespace) -> ServeSettings:
         scheduler = SchedulerConfig(tile_sides=args.tile_sides, max_tiles_per_call=args.max_tiles_per_call,
                                     max_pixels_in_flight=args.max_pixels_in_flight, max_queued=args.max_queue,
                                     aging=args.aging)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    try:
         service = ServiceConfig(max_upload_bytes=args.max_upload, upload_timeout=args.upload_timeout,
                                 max_pixels=args.max_pixels, timeout=args.timeout,
                                 api_key=os.environ.get(args.api_key_env), warm_up=not args.no_warm_up)
     except ValueError as error:
-        raise UsageError(f"{args.api_key_env}: {error}" if "API key" in str(error) else str(error)) from None
+        raise UsageError(f"{args.api_key_env}: {error}") from None
     # Under Ray the replicas' devices are the cluster's: `auto` is decided where they run.
     device = args.device if args.ray and args.device == "auto" else str(parse_device(args.device))
     return ServeSettings(model=args.model, backend=args.backend, device=device, dtype=args.dtype,

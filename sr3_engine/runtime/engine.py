@@ -51,6 +51,11 @@ def _prediction_of(model: nn.Module, prediction: str | None) -> str:
     return chosen
 
 
+def auto_device() -> str:
+    """What the device `auto` means: cuda when available, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def default_schedule() -> NoiseSchedule:
     return NoiseSchedule.linear(100, 1e-4, 0.1)
 

@@ -219,8 +219,7 @@ def fixed_grid(size: tuple[int, int], side: int, overlap: int, tiles_per_call: i
     whatever the image, so that tiles of different images can share a denoiser call."""
     if min(size) < side:
         raise ValueError(f"fixed_grid: an image of {size[0]}x{size[1]} is smaller than the tile side {side}")
-    if not 0 <= overlap < side / 2:
-        raise ValueError(f"tile overlap {overlap} must be at least 0 and under half the tile ({side})")
+    check_tile(side, overlap, 1)
     starts = (axis_starts(size[0], side, overlap), axis_starts(size[1], side, overlap))
     return TileGrid(size, (side, side), overlap, starts, tiles_per_call)
 

@@ -83,13 +83,12 @@ class ServiceMetrics:
 
     def __init__(self, scheduler_stats):
         self.registry = CollectorRegistry()
-        stats = scheduler_stats
         Gauge("sr3_queue_depth", "Requests waiting for admission", registry=self.registry).set_function(
-            lambda: stats()["queued"])
+            lambda: scheduler_stats()["queued"])
         Gauge("sr3_requests_in_flight", "Requests being sampled", registry=self.registry).set_function(
-            lambda: stats()["running"])
+            lambda: scheduler_stats()["running"])
         Gauge("sr3_pixels_in_flight", "Padded output pixels of the requests being sampled",
-              registry=self.registry).set_function(lambda: stats()["pixels_in_flight"])
+              registry=self.registry).set_function(lambda: scheduler_stats()["pixels_in_flight"])
         self.tiles_per_call = Histogram("sr3_tiles_per_call", "Tiles in one denoiser call", ["tile_side"],
                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.call_seconds = Histogram("sr3_denoiser_call_seconds", "Duration of one denoiser call", ["tile_side"],
@@ -319,10 +318,13 @@ async def _result(request: Request, future, timeout: float) -> Served:
     try:
         while not waiting.done():
             await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
-            if not waiting.done() and (await request.is_disconnected() or time.monotonic() > give_up):
+            if waiting.done():
+                break
+            if time.monotonic() > give_up:
                 future.cancel()
-                if time.monotonic() > give_up:
-                    raise ServiceError(504, f"no result within {timeout:g} s")
+                raise ServiceError(504, f"no result within {timeout:g} s")
+            if await request.is_disconnected():
+                future.cancel()
                 raise ServiceError(499, "the client closed the connection")
     except asyncio.CancelledError:
         future.cancel()

@@ -70,7 +70,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..config import UNetConfig
-from ..diffusion import output_image, pad_to
+from ..diffusion import output_image, pad_to, padded_length
 from ..samplers import (NoiseSource, SamplerConfig, SamplingPlan, finish_sampling, make_plan, posterior_update,
                         raise_if_nonfinite, start_sampling)
 from ..schedules import NoiseSchedule
@@ -372,8 +372,8 @@ class Scheduler:
         num_steps = make_plan(schedule, config, self.engine.prediction).num_steps
         # Sized from the input's shape, before the condition (scale^2 times its pixels) exists.
         multiple, scale = self.engine.size_multiple, self.engine.scale
-        height, width = (-(-lr.shape[-2] * scale // multiple) * multiple, -(-lr.shape[-1] * scale // multiple) * multiple)
-        side, tiles, pixels = self.tiling_for(height, width)
+        side, tiles, pixels = self.tiling_for(padded_length(lr.shape[-2] * scale, multiple),
+                                              padded_length(lr.shape[-1] * scale, multiple))
         if pixels > self.max_pixels_in_flight:
             self.metrics.rejected("too_large")
             raise RequestTooLargeError(f"the output needs {pixels} pixels in flight (padded); the scheduler allows "

@@ -7,10 +7,8 @@ installed, and so that Ray can ship settings to its replicas, which build their 
 from __future__ import annotations
 
 import dataclasses
-
-import torch
 from ..io import DEFAULT_MAX_PIXELS
-from ..runtime.engine import PRECISIONS, SR3Engine
+from ..runtime.engine import PRECISIONS, SR3Engine, auto_device
 from .scheduler import SchedulerConfig
 
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 2**20
@@ -61,9 +59,7 @@ class ServeSettings:
         if self.backend == "fused":
             # A traced or captured denoiser per tile shape and batch size: keep every one of them.
             options.setdefault("max_graphs", FUSED_MAX_GRAPHS)
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = auto_device() if self.device == "auto" else self.device
         return SR3Engine.from_pretrained(self.model, backend=self.backend, device=device,
                                          dtype=PRECISIONS[self.dtype], progress=False, max_memory=self.max_memory,
                                          backend_options=options)
