@@ -200,6 +200,11 @@ def diffusion_loss(model: nn.Module, x_up: torch.Tensor, y0: torch.Tensor, sched
     noise = randn(tuple(y0.shape), generator, y0.device, y0.dtype)
     y_noisy = q_sample(d0, levels, noise)
     output = model(x_up, y_noisy, levels)
-    target = prediction_target(prediction, d0.float(), noise.float(), levels)
+    return prediction_loss(output, prediction_target(prediction, d0.float(), noise.float(), levels), p)
+
+
+def prediction_loss(output: torch.Tensor, target: torch.Tensor, p: int) -> torch.Tensor:
+    """Mean of |output - target|^p over every element, in float32 (the training and the
+    distillation loss)."""
     diff = (output.float() - target).abs()
     return diff.mean() if p == 1 else (diff * diff).mean()

@@ -235,6 +235,14 @@ def make_plan(schedule: NoiseSchedule, config: SamplerConfig, prediction: str = 
     return plan
 
 
+def model_plan(schedule: NoiseSchedule, config: SamplerConfig, prediction: str = "eps",
+               residual_scale: float | None = None) -> SamplingPlan:
+    """`make_plan` for a model of that target and diffused space: a residual model's y0_hat is
+    not clipped, since the image's bounds are no fixed interval there."""
+    plan = make_plan(schedule, config, prediction)
+    return dataclasses.replace(plan, clip=False) if residual_scale is not None else plan
+
+
 def initial_state(plan: SamplingPlan, start: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """y at the plan's first step, float32: pure noise when the plan runs the whole schedule
     (SR3 treats gamma_T as 0), else `start` (the condition in the diffused space) diffused to
@@ -370,11 +378,8 @@ def start_sampling(x_up: torch.Tensor, schedule: NoiseSchedule, config: SamplerC
     config.strength < 1): what any runner of the reverse process starts from.
 
     For a residual model (`residual_scale`, see `diffusion.to_diffused`) the plan runs on the
-    scaled residual and its y0_hat is not clipped, since the image's bounds are no fixed
-    interval there (`finish_sampling` clamps the image instead)."""
-    plan = make_plan(schedule, config, prediction)
-    if residual_scale is not None:
-        plan = dataclasses.replace(plan, clip=False)
+    scaled residual, unclipped (`model_plan`; `finish_sampling` clamps the image instead)."""
+    plan = model_plan(schedule, config, prediction, residual_scale)
     start = to_diffused(x_up, x_up, residual_scale)
     return plan, initial_state(plan, start, randn(tuple(x_up.shape), generator, x_up.device))
 

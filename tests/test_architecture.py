@@ -18,7 +18,7 @@ LAYERS = [
     ("foundation", ("config", "io", "resize", "metrics", "ops")),
     ("op backends", ("_ext", "kernels", "op_backends")),
     ("model", ("unet",)),
-    ("diffusion math", ("schedules", "diffusion", "samplers")),
+    ("diffusion math", ("schedules", "diffusion", "samplers", "distillation")),
     ("runtime", ("runtime",)),
     ("training", ("training",)),
     ("serving", ("serving",)),

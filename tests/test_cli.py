@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("upscale", "train", "evaluate", "export", "convert", "demo", "serve"):
+    for name in ("upscale", "train", "distill", "evaluate", "export", "convert", "demo", "serve"):
         assert f"  {name} " in out
-    assert set(COMMANDS) == {"upscale", "train", "evaluate", "export", "convert", "demo", "serve"}
+    assert set(COMMANDS) == {"upscale", "train", "distill", "evaluate", "export", "convert", "demo", "serve"}
 
 
 def test_an_unknown_command_is_a_usage_error(capsys):

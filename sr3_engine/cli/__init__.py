@@ -11,11 +11,11 @@ import argparse
 from types import ModuleType
 from typing import Sequence
 
-from . import convert, demo, evaluate, export, serve, train, upscale
+from . import convert, demo, distill, evaluate, export, serve, train, upscale
 from .common import EXIT_USAGE
 
-COMMANDS: dict[str, ModuleType] = {"upscale": upscale, "train": train, "evaluate": evaluate, "export": export,
-                                   "convert": convert, "demo": demo, "serve": serve}
+COMMANDS: dict[str, ModuleType] = {"upscale": upscale, "train": train, "distill": distill, "evaluate": evaluate,
+                                   "export": export, "convert": convert, "demo": demo, "serve": serve}
 
 
 def _summary(module: ModuleType) -> str:

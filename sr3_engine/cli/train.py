@@ -20,11 +20,12 @@ run are swept when the next one starts).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,10 +36,12 @@ from ..io import sweep_temporaries
 from ..ops import OP_BACKENDS
 from ..runtime import model_dir
 from ..resize import RESAMPLERS
+from ..samplers import SamplerConfig
 from ..schedules import NoiseSchedule
 from ..training import checkpoint as ckpt
 from ..training.data import DataError, fingerprint, load_centre_crops, print_warning, usable_images
-from ..training.trainer import AMP_DTYPES, Run, build_run, finish, start_processes, train_loop
+from ..training.trainer import (AMP_DTYPES, Objective, Processes, Run, build_run, finish, start_processes,
+                                train_loop)
 from .common import EXIT_OK, EXIT_USAGE, UsageError, parse_device, print_error, run_until_stopped
 
 # Flags that define the run: resuming with a different value would be another run.
@@ -48,10 +51,13 @@ RUN_DEFINING = ("config", "prediction", "residual_scale", "init_from", "scale", 
                 "sample_beta_start", "sample_beta_end", "op_backend")
 
 
-def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
-    """The CLI. Without defaults, parsing yields only the flags given explicitly (for --resume)."""
-    parser = argparse.ArgumentParser(prog="python -m sr3_engine train",
-                                     description="Train SR3 on a folder of images, alone or under torchrun.",
+Adder = Callable[..., None]
+
+
+def command_parser(prog: str, description: str, with_defaults: bool) -> tuple[argparse.ArgumentParser, Adder]:
+    """A parser and its `add(flag, default, **kwargs)`; without defaults, parsing yields only the
+    flags given explicitly (for --resume)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      argument_default=None if with_defaults else argparse.SUPPRESS)
 
@@ -60,7 +66,42 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
             kwargs["default"] = default
         parser.add_argument(flag, **kwargs)
 
+    return parser, add
+
+
+def add_run_flags(add: Adder, *, lr: float, warmup_steps: int, ema_decay: float, loss: str, save_every: int) -> None:
+    """The flags of a training run that distillation shares: data, optimiser, EMA, seed, device,
+    cadence and --resume."""
     add("--data", help="folder of training images, searched recursively")
+    add("--hr-size", 128, type=int, help="side of the square HR training crops; smaller images are skipped")
+    add("--batch-size", 16, type=int, help="images per step per process")
+    add("--lr", lr, type=float, help="AdamW learning rate after warm-up")
+    add("--weight-decay", 0.0, type=float, help="AdamW decoupled weight decay")
+    add("--warmup-steps", warmup_steps, type=int, help="linear learning-rate warm-up steps")
+    add("--ema-decay", ema_decay, type=float, help="EMA decay (ramped up as min(decay, (1+s)/(10+s)))")
+    add("--loss", loss, choices=("l1", "l2"), help="norm p of the loss")
+    add("--grad-clip", 1.0, type=float, help="max global gradient norm; 0 disables clipping")
+    add("--blur-sigma", 0.0, type=float, help="max sigma of a random Gaussian blur of the LR input; 0 = off")
+    add("--seed", 0, type=int, help="seeds every random choice of the run")
+    add("--amp", "auto", choices=("auto", "none", "bf16", "fp16"), help="CUDA autocast (auto: bf16 on CUDA)")
+    add("--op-backend", "auto", choices=("auto",) + OP_BACKENDS,
+        help="GroupNorm+SiLU kernels of the training network (auto: of those `auto` would use here, the one "
+        "whose training pass is fastest, measured at the start and kept on resume)")
+    add("--device", "auto", help="cpu, cuda, cuda:N (auto: cuda when available; torchrun: cuda:LOCAL_RANK)")
+    add("--num-workers", None, type=int, help="DataLoader workers per process (default: 0 on CPU, up to 4 on CUDA)")
+    add("--save-every", save_every, type=int, help="checkpoint every N steps (and at the end); 0 = only at the end")
+    add("--log-every", 50, type=int, help="write a log record every N steps")
+    add("--deterministic", False, action="store_true",
+        help="deterministic CUDA kernels where PyTorch has them (exact resume on GPU)")
+    add("--resume", False, action="store_true", help="continue the run in --out from where it stopped")
+
+
+def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
+    """The CLI. Without defaults, parsing yields only the flags given explicitly (for --resume)."""
+    parser, add = command_parser("python -m sr3_engine train",
+                                 "Train SR3 on a folder of images, alone or under torchrun.", with_defaults)
+    add_run_flags(add, lr=1e-4, warmup_steps=10_000, ema_decay=0.9999, loss="l1", save_every=5000)
+    add("--steps", 1_000_000, type=int, help="total optimiser steps of the run")
     add("--val-data", help="folder of validation images (centre crops); omit to skip validation")
     add("--out", required=with_defaults, help="output folder: model/, state.pt, log.jsonl")
     add("--config", "sr3-16-128", help=f"U-Net: a named config ({', '.join(NAMED_UNET_CONFIGS)}) or a JSON file")
@@ -72,31 +113,12 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     add("--init-from", None, help="start from this model directory's weights (fine-tuning; its architecture "
         "must be --config's, its prediction target and residual scale may differ)")
     add("--scale", 8, type=int, help="super-resolution factor")
-    add("--hr-size", 128, type=int, help="side of the square HR training crops; smaller images are skipped")
-    add("--steps", 1_000_000, type=int, help="total optimiser steps of the run")
-    add("--batch-size", 16, type=int, help="images per step per process")
-    add("--lr", 1e-4, type=float, help="AdamW learning rate after warm-up")
-    add("--weight-decay", 0.0, type=float, help="AdamW decoupled weight decay")
-    add("--warmup-steps", 10_000, type=int, help="linear learning-rate warm-up steps")
     add("--lr-decay-steps", 0, type=int, help="after the warm-up, a half cosine from --lr to 0 over this many "
         "steps (0: constant)")
-    add("--ema-decay", 0.9999, type=float, help="EMA decay (ramped up as min(decay, (1+s)/(10+s)))")
-    add("--loss", "l1", choices=("l1", "l2"), help="norm p of eq. 6")
-    add("--grad-clip", 1.0, type=float, help="max global gradient norm; 0 disables clipping")
-    add("--blur-sigma", 0.0, type=float, help="max sigma of a random Gaussian blur of the LR input; 0 = off")
     add("--resampler", "bicubic", choices=RESAMPLERS, help="how the condition is upsampled; saved with the model "
         "and used whenever it is served (pil-bicubic: Pillow's, on 8-bit levels)")
-    add("--seed", 0, type=int, help="seeds every random choice of the run")
-    add("--amp", "auto", choices=("auto", "none", "bf16", "fp16"), help="CUDA autocast (auto: bf16 on CUDA)")
-    add("--op-backend", "auto", choices=("auto",) + OP_BACKENDS,
-        help="GroupNorm+SiLU kernels of the training network (auto: of those `auto` would use here, the one "
-        "whose training pass is fastest, measured at the start and kept on resume)")
-    add("--device", "auto", help="cpu, cuda, cuda:N (auto: cuda when available; torchrun: cuda:LOCAL_RANK)")
-    add("--num-workers", None, type=int, help="DataLoader workers per process (default: 0 on CPU, up to 4 on CUDA)")
-    add("--save-every", 5000, type=int, help="checkpoint every N steps (and at the end); 0 = only at the end")
     add("--val-every", 5000, type=int, help="validate every N steps (and at the end); 0 = only at the end")
     add("--val-count", 4, type=int, help="validation images to sample")
-    add("--log-every", 50, type=int, help="write a log record every N steps")
     add("--schedule", "linear", choices=SCHEDULE_KINDS, help="training noise schedule")
     add("--schedule-steps", 2000, type=int, help="training schedule length T")
     add("--beta-start", 1e-6, type=float, help="training schedule first beta")
@@ -104,9 +126,6 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     add("--sample-steps", 100, type=int, help="steps of the linear inference schedule saved with the model")
     add("--sample-beta-start", 1e-4, type=float, help="inference schedule first beta")
     add("--sample-beta-end", 0.1, type=float, help="inference schedule last beta")
-    add("--deterministic", False, action="store_true",
-        help="deterministic CUDA kernels where PyTorch has them (exact resume on GPU)")
-    add("--resume", False, action="store_true", help="continue the run in --out from state.pt")
     return parser
 
 
@@ -117,11 +136,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     return args, explicit
 
 
-def resume_args(saved: dict[str, Any], given: argparse.Namespace, explicit: set[str], path: Path) -> argparse.Namespace:
+def resume_args(saved: dict[str, Any], given: argparse.Namespace, explicit: set[str], path: Path,
+                defining: Sequence[str] = RUN_DEFINING) -> argparse.Namespace:
     """The saved run's arguments, with the explicitly given flags that may change (length,
-    cadence, data location, device) applied on top."""
+    cadence, data location, device) applied on top; those in `defining` may not."""
     values = vars(given)
-    changed = sorted(name for name in explicit & set(RUN_DEFINING) if values[name] != saved.get(name))
+    changed = sorted(name for name in explicit & set(defining) if values[name] != saved.get(name))
     if changed:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
         raise UsageError(f"{path}: {flags} differ from the saved run; resuming continues that run as it was")
@@ -145,22 +165,32 @@ def model_config(value: str) -> UNetConfig:
 
 
 def check_args(args: argparse.Namespace, config: UNetConfig, device: torch.device) -> None:
-    positive = ("scale", "hr_size", "batch_size", "log_every", "val_count", "schedule_steps", "sample_steps")
-    non_negative = ("steps", "warmup_steps", "lr_decay_steps", "grad_clip", "blur_sigma", "seed", "save_every", "val_every",
-                    "weight_decay")
+    check_numbers(args, positive=("scale", "val_count", "schedule_steps", "sample_steps"),
+                  non_negative=("steps", "lr_decay_steps", "val_every"))
+    check_run_args(args, config, device)
+    if args.val_data and args.hr_size < metrics.SSIM_MIN_SIZE:
+        raise UsageError(f"--hr-size must be >= {metrics.SSIM_MIN_SIZE} for validation SSIM; got {args.hr_size}")
+
+
+def check_numbers(args: argparse.Namespace, *, positive: Sequence[str], non_negative: Sequence[str]) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
     for name in non_negative:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(args, name)}")
+
+
+def check_run_args(args: argparse.Namespace, config: UNetConfig, device: torch.device) -> None:
+    """The checks of `add_run_flags`' flags (and of --scale, which distillation takes from its teacher)."""
+    check_numbers(args, positive=("hr_size", "batch_size", "log_every"),
+                  non_negative=("warmup_steps", "grad_clip", "blur_sigma", "seed", "save_every",
+                                "weight_decay"))
     if args.lr <= 0 or not 0.0 <= args.ema_decay < 1.0:
         raise UsageError(f"need --lr > 0 and 0 <= --ema-decay < 1; got {args.lr} and {args.ema_decay}")
     for multiple, what in ((args.scale, "--scale"), (config.size_multiple, "the model's size multiple")):
         if args.hr_size % multiple:
             raise UsageError(f"--hr-size {args.hr_size} is not divisible by {what} ({multiple})")
-    if args.val_data and args.hr_size < metrics.SSIM_MIN_SIZE:
-        raise UsageError(f"--hr-size must be >= {metrics.SSIM_MIN_SIZE} for validation SSIM; got {args.hr_size}")
     if args.amp in AMP_DTYPES and device.type != "cuda":
         raise UsageError(f"--amp {args.amp} needs a CUDA device; got {device}")
     if args.num_workers is not None and args.num_workers < 0:
@@ -202,32 +232,48 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, UNetConfig, dic
 def train(argv: list[str] | None = None) -> Run:
     """Run (or resume) training from command-line arguments; returns the finished run."""
     args, config, state = prepare(argv)
+    with processes(args) as procs:
+        check_args(args, config, procs.device)
+        paths = usable_images(Path(args.data), args.hr_size, warn=procs.is_main)
+        val_paths = (usable_images(Path(args.val_data), args.hr_size, warn=procs.is_main)[:args.val_count]
+                     if args.val_data else [])
+        return run_training(args, config, procs, schedules(args), state, paths, val_paths,
+                            initial_weights(args.init_from, config) if state is None and args.init_from else None)
+
+
+@contextlib.contextmanager
+def processes(args: argparse.Namespace) -> Iterator[Processes]:
+    """This process, or this rank of a torchrun job, on --device; the process group is ended on the way out."""
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     procs = start_processes(parse_device(args.device, local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
     try:
-        check_args(args, config, procs.device)
-        paths = usable_images(Path(args.data), args.hr_size, warn=procs.is_main)
-        val_paths = (usable_images(Path(args.val_data), args.hr_size, warn=procs.is_main)[:args.val_count]
-                     if args.val_data else [])
-        run = build_run(args, config, procs, schedules(args), state,
-                        initial_weights(args.init_from, config) if state is None and args.init_from else None)
-        run.data_fingerprint = fingerprint(Path(args.data), paths)
-        if state is not None and procs.is_main:
-            warn_if_data_changed(run, state)
-        log = start_log(run)
-        try:
-            val_hr = load_centre_crops(val_paths, args.hr_size) if val_paths and procs.is_main else None
-            train_loop(run, paths, val_hr, log)
-            finish(run, log)
-        finally:
-            if log is not None:
-                log.close()
-        return run
+        yield procs
     finally:
         if procs.world_size > 1:
             dist.destroy_process_group()
+
+
+def run_training(args: argparse.Namespace, config: UNetConfig, procs: Processes,
+                 run_schedules: tuple[NoiseSchedule, NoiseSchedule], state: dict[str, Any] | None,
+                 paths: list[Path], val_paths: list[Path], initial: dict[str, torch.Tensor] | None, *,
+                 objective: Objective | None = None, sampler: SamplerConfig = SamplerConfig()) -> Run:
+    """Build the run (`trainer.build_run`), train it in --out to --steps with its log and
+    checkpoints, and return it: what `train` and each round of `distill` do."""
+    run = build_run(args, config, procs, run_schedules, state, initial, objective=objective, sampler=sampler)
+    run.data_fingerprint = fingerprint(Path(args.data), paths)
+    if state is not None and procs.is_main:
+        warn_if_data_changed(run, state)
+    log = start_log(run)
+    try:
+        val_hr = load_centre_crops(val_paths, args.hr_size) if val_paths and procs.is_main else None
+        train_loop(run, paths, val_hr, log)
+        finish(run, log)
+    finally:
+        if log is not None:
+            log.close()
+    return run
 
 
 def initial_weights(name_or_path: str, config: UNetConfig) -> dict[str, torch.Tensor]:

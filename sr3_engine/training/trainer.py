@@ -1,5 +1,6 @@
-"""The training machinery behind `python -m sr3_engine.train`: one step, EMA, validation,
-checkpoints, and the loop, for a single process or one rank of a torchrun job.
+"""The training machinery behind `python -m sr3_engine.train` and each round of `distill`: one
+step of the run's objective, EMA, validation, checkpoints, and the loop, for a single process or
+one rank of a torchrun job.
 
 Resume is exact because no random draw depends on history. The data (image order,
 crops, flips, blur) is a function of the seed and each sample's position in the run
@@ -19,13 +20,14 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import itertools
 import math
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -43,10 +45,14 @@ from ..unet import SR3UNet, set_op_backend
 from . import checkpoint as ckpt
 from .data import CropDataset, StreamBatchSampler, derive_seed, make_loader, make_lr
 
-# A test hook: the process SIGKILLs itself right after its Nth checkpoint, so a test can
-# "crash" at an exact, known point.
+# A test hook: the process SIGKILLs itself right after its Nth checkpoint (counted over every run
+# it trains: distillation trains one per round), so a test can "crash" at an exact, known point.
 KILL_AFTER_SAVE_ENV = "SR3_ENGINE_TRAIN_KILL_AFTER_SAVE"
+_saves = itertools.count(1)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# What a step minimises: objective(net, x_up, y0, generator=...) -> loss, every random draw from
+# the generator (the diffusion loss of training, or distillation's).
+Objective = Callable[..., torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +84,7 @@ def start_processes(device: torch.device) -> Processes:
 @dataclasses.dataclass
 class Run:
     """Everything a training step touches. `model` is the bare network, `net` what is
-    called (the DDP wrapper under torchrun)."""
+    called (the DDP wrapper under torchrun); `sampler` is the default sampler saved with the model."""
 
     args: argparse.Namespace
     procs: Processes
@@ -93,10 +99,11 @@ class Run:
     inference_schedule: NoiseSchedule
     noise: torch.Generator
     amp_dtype: torch.dtype | None
+    objective: Objective
+    sampler: SamplerConfig
     step: int = 0
     data_position: int = 0
     data_fingerprint: str = ""
-    saves: int = 0
 
     @property
     def out(self) -> Path:
@@ -121,11 +128,25 @@ def lr_factor(warmup_steps: int, decay_steps: int, step: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def loss_norm(args: argparse.Namespace) -> int:
+    """p of the loss's mean |f - target|^p."""
+    return 1 if args.loss == "l1" else 2
+
+
+def diffusion_objective(args: argparse.Namespace, config: UNetConfig, schedule: NoiseSchedule) -> Objective:
+    """Training's objective: the diffusion loss (eq. 6) in the model's target and level space."""
+    # The DDP wrapper hides model.config, so the noise-level space and target are passed explicitly.
+    return functools.partial(diffusion_loss, schedule=schedule, p=loss_norm(args),
+                             level_space=config.noise_level_input, prediction=config.prediction)
+
+
 def build_run(args: argparse.Namespace, config: UNetConfig, procs: Processes,
               schedules: tuple[NoiseSchedule, NoiseSchedule], state: dict[str, Any] | None,
-              initial_weights: dict[str, torch.Tensor] | None = None) -> Run:
+              initial_weights: dict[str, torch.Tensor] | None = None, *, objective: Objective | None = None,
+              sampler: SamplerConfig = SamplerConfig()) -> Run:
     """A fresh run seeded from --seed (starting from `initial_weights` when given: fine-tuning),
-    or the run saved in `state`."""
+    or the run saved in `state`; it minimises `objective` (default: `diffusion_objective`) and
+    saves its model with `sampler` as the default."""
     device = procs.device
     torch.manual_seed(derive_seed(args.seed, "init"))
     model = SR3UNet(config)
@@ -143,8 +164,10 @@ def build_run(args: argparse.Namespace, config: UNetConfig, procs: Processes,
     dtype = amp_dtype(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     train_schedule, inference_schedule = schedules
+    if objective is None:
+        objective = diffusion_objective(args, config, train_schedule)
     run = Run(args, procs, config, model, model, ema, optimizer, scheduler, scaler, train_schedule,
-              inference_schedule, torch.Generator(device), dtype)
+              inference_schedule, torch.Generator(device), dtype, objective, sampler)
     if state is not None:
         restore(run, state)
     if procs.world_size > 1:
@@ -186,7 +209,7 @@ def time_training_pass(args: argparse.Namespace, model: SR3UNet, schedule: Noise
         for repeat in range(repeats + 1):
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = diffusion_loss(model, y0, y0, schedule, 1 if args.loss == "l1" else 2, generator=generator)
+                loss = diffusion_loss(model, y0, y0, schedule, loss_norm(args), generator=generator)
             loss.backward()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -234,10 +257,7 @@ def train_step(run: Run, x_up: torch.Tensor, y0: torch.Tensor) -> tuple[torch.Te
     run.noise.manual_seed(derive_seed(args.seed, "noise", rank, run.step))
     lr = run.optimizer.param_groups[0]["lr"]
     with autocast(run):
-        # The DDP wrapper hides model.config, so the noise-level space is passed explicitly.
-        loss = diffusion_loss(run.net, x_up, y0, run.train_schedule, 1 if args.loss == "l1" else 2,
-                              generator=run.noise, level_space=run.config.noise_level_input,
-                              prediction=run.config.prediction)
+        loss = run.objective(run.net, x_up, y0, generator=run.noise)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.optimizer)
@@ -267,7 +287,7 @@ def mean_over_ranks(value: torch.Tensor, procs: Processes) -> float:
 
 def model_spec(run: Run) -> model_dir.ModelSpec:
     """What the saved model directory says: the inference schedule and the default sampler."""
-    return model_dir.ModelSpec(run.config, run.inference_schedule.config, SamplerConfig(), run.args.scale,
+    return model_dir.ModelSpec(run.config, run.inference_schedule.config, run.sampler, run.args.scale,
                                run.args.resampler, run.train_schedule.config)
 
 
@@ -298,8 +318,7 @@ def save_checkpoint(run: Run, log: ckpt.JsonlLog | None) -> None:
         if log is not None:
             log.write({"type": "checkpoint", "step": run.step, "time": time.time()})
     run.procs.barrier()
-    run.saves += 1
-    if os.environ.get(KILL_AFTER_SAVE_ENV) == str(run.saves):
+    if os.environ.get(KILL_AFTER_SAVE_ENV) == str(next(_saves)):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
