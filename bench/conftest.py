@@ -10,7 +10,6 @@ JSON keeps (`sr3_skipped`) so that the report can list it.
 
 from __future__ import annotations
 
-import dataclasses
 import shlex
 
 import pytest
@@ -40,10 +39,12 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     try:
-        device = harness.resolve_device(config.getoption("--device"))
+        # Collecting runs nothing: a CPU machine may list a GPU run's rows (gpu-check's plan does).
+        device = harness.resolve_device(config.getoption("--device"), collect_only=config.option.collectonly)
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None
     config._sr3_device = device
+    config.addinivalue_line("markers", "whole_images: runs the suite's untiled problems only")
     config._sr3_clock = harness.clock_for(device)
 
 
@@ -63,6 +64,17 @@ def pytest_runtest_makereport(item, call):
         _skipped.append({"test": item.originalname, "case": item.callspec.id if params else "", "backend": backend,
                          "reason": reason.removeprefix("Skipped: ")})
     return report
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Keep only the rows that finished before pytest-benchmark writes its JSON: a run stopped by
+    SIGINT (gpu-check at its deadline) leaves the interrupted benchmark without timings, which
+    would fail the whole file, or timed but not yet recorded, which the report cannot read."""
+    benchmarks = getattr(session.config, "_benchmarksession", None)
+    if benchmarks is not None:
+        benchmarks.benchmarks[:] = [row for row in benchmarks.benchmarks if row and "kind" in row.extra_info]
+    return (yield)
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
@@ -102,10 +114,7 @@ def engines(pytestconfig, device):
     def get(variant: Variant, problem: Problem) -> sr3.SR3Engine:
         key = (problem.config, variant.id)
         if key not in built:
-            if variant.backend == "compile" and compile_mode is not None:
-                options = tuple(option for option in variant.options if option[0] != "mode")
-                mode = () if compile_mode == "default" else (("mode", compile_mode),)
-                variant = dataclasses.replace(variant, options=options + mode)
+            variant = variant.with_compile_mode(compile_mode)
             try:
                 built[key] = harness.build_engine(variant, problem, device)
             except BackendUnavailableError as error:
@@ -124,13 +133,17 @@ def engines(pytestconfig, device):
 def pytest_generate_tests(metafunc):
     """End-to-end and per-step benchmarks run every (problem, variant, batch) the device's problems
     name; the cases of the device's first problem keep the plain id `variant-batchN`, those of
-    the others are prefixed with the problem's model."""
+    the others are prefixed with the problem's label (its model, and its size and tile when tiled).
+    A benchmark marked `whole_images` runs the untiled problems only."""
     device = metafunc.config._sr3_device.type
     if {"problem", "variant", "batch"} <= set(metafunc.fixturenames):
+        whole_only = metafunc.definition.get_closest_marker("whole_images") is not None
         cases, ids = [], []
         for index, problem in enumerate(PROBLEMS[device]):
+            if whole_only and problem.tile is not None:
+                continue
             for variant in filter(problem.measures, VARIANTS[device]):
                 for batch in problem.batches:
                     cases.append((problem, variant, batch))
-                    ids.append(("" if index == 0 else f"{problem.config}-") + f"{variant.id}-batch{batch}")
+                    ids.append(("" if index == 0 else f"{problem.label}-") + f"{variant.id}-batch{batch}")
         metafunc.parametrize("problem, variant, batch", cases, ids=ids)

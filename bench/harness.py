@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
+import itertools
 import math
 import os
 import platform
@@ -152,11 +154,12 @@ def _best_time(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
-def resolve_device(choice: str) -> torch.device:
-    """`auto` (CUDA when torch sees a GPU), `cpu` or `cuda`; ValueError when CUDA is asked for and absent."""
+def resolve_device(choice: str, *, collect_only: bool = False) -> torch.device:
+    """`auto` (CUDA when torch sees a GPU), `cpu` or `cuda`; ValueError when CUDA is asked for and
+    absent, unless the run only collects (lists the rows it would measure)."""
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
+    if choice == "cuda" and not torch.cuda.is_available() and not collect_only:
         raise ValueError("--device cuda: torch sees no CUDA device here")
     return torch.device(choice)
 
@@ -249,11 +252,52 @@ class CallGraph:
         self.graph.replay()
 
 
+# The engine backends whose device memory goes through PyTorch's allocator, where call_memory can see it.
+TORCH_ALLOCATED_BACKENDS = ("eager", "compile", "fused")
+
+
+def call_memory(engine: sr3.SR3Engine, run, device: torch.device) -> dict:
+    """What one call of `run()` holds on a CUDA device at its peak, in three parts:
+
+    - `weight_bytes`: the parameters and buffers of the engine's module;
+    - `graph_pool_bytes`: for a backend that keeps CUDA graphs (it has `release_graphs`), what
+      stays reserved after a call that captures afresh (its graphs are dropped first): the
+      graphs' private pools, where the fused backend's activations live, and their static
+      buffers; 0 for the others;
+    - `transient_peak_bytes`: the most the next call (a replay) allocates above what was
+      allocated before it.
+
+    `peak_memory_bytes` is their sum: the call's own, not the other engines a session keeps, and
+    not missing the graph pool that max_memory_allocated cannot see during a replay."""
+    graph_pool = 0
+    release = getattr(engine.backend, "release_graphs", None)
+    if release is not None:
+        release()
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        reserved_before = torch.cuda.memory_reserved(device)
+        run()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        graph_pool = max(0, torch.cuda.memory_reserved(device) - reserved_before)
+    allocated_before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    torch.cuda.synchronize(device)
+    transient = max(0, torch.cuda.max_memory_allocated(device) - allocated_before)
+    weights = sum(t.numel() * t.element_size() for t in itertools.chain(engine.model.parameters(),
+                                                                      engine.model.buffers()) if t.device.type == "cuda")
+    return {"weight_bytes": weights, "graph_pool_bytes": graph_pool, "transient_peak_bytes": transient,
+            "peak_memory_bytes": weights + graph_pool + transient}
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """What an end-to-end row samples: `config` is a named UNetConfig (random weights, seeded) or a
     bundled model's name (its weights); `variants` limits the engine variants measured on it
-    (variant ids; None: all of the device's)."""
+    (variant ids; None: all of the device's); `tile` and `tile_overlap`, when given, sample in
+    tiles of that side (output pixels) instead of whole."""
 
     config: str
     lr_size: int
@@ -261,10 +305,17 @@ class Problem:
     batches: tuple[int, ...]
     steps: int = 100
     variants: tuple[str, ...] | None = None
+    tile: int | None = None
+    tile_overlap: int | None = None
 
     @property
     def size(self) -> int:
         return self.lr_size * self.scale
+
+    @property
+    def label(self) -> str:
+        """The prefix of its rows' ids (after the device's first problem, which has none)."""
+        return self.config + (f"-{self.size}px-tile{self.tile}" if self.tile is not None else "")
 
     def measures(self, variant: "Variant") -> bool:
         return self.variants is None or variant.id in self.variants
@@ -274,12 +325,18 @@ class Problem:
 # tiny config shows the per-call overhead of each backend, and the bundled demo-x4 model at
 # 64x64 -> 256x256 what a user upscaling a photo runs; a few steps suffice there, since every
 # step costs the same, and bf16 only on the fused backend: without AVX-512 BF16 the eager and
-# compiled bf16 convolutions of that size take minutes.
+# compiled bf16 convolutions of that size take minutes. The tiled problems run the path an image
+# larger than memory takes (fused on CUDA: one captured denoiser per tile-batch shape, replayed
+# across tiles and steps), against the eager baseline on the same tiles.
 PROBLEMS = {
-    "cuda": (Problem("sr3-16-128", lr_size=16, scale=8, batches=(1, 8, 16, 32)),),
+    "cuda": (Problem("sr3-16-128", lr_size=16, scale=8, batches=(1, 8, 16, 32)),
+             Problem("sr3-16-128", lr_size=64, scale=8, batches=(1,), steps=20, variants=("fused-bf16",),
+                     tile=128, tile_overlap=32)),
     "cpu": (Problem("tiny", lr_size=8, scale=4, batches=(1, 8, 32)),
             Problem("demo-x4", lr_size=64, scale=4, batches=(1, 4), steps=4,
-                    variants=("eager-fp32", "compile-fp32", "fused-fp32", "fused-bf16", "onnxruntime-fp32"))),
+                    variants=("eager-fp32", "compile-fp32", "fused-fp32", "fused-bf16", "onnxruntime-fp32")),
+            Problem("tiny", lr_size=16, scale=4, batches=(1,), steps=4, variants=("fused-fp32",),
+                    tile=32, tile_overlap=8)),
 }
 # The training-step rows: (model, batch, HR crop side) of a demo-x4 training run on the CPU, of
 # sr3-16-128 on a GPU.
@@ -288,27 +345,49 @@ TRAIN_PROBLEMS = {"cpu": ("demo-x4", 16, 64), "cuda": ("sr3-16-128", 16, 128)}
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One engine configuration: an engine backend, its dtype and its options. The id names the
-    backend and dtype only: a device's variants in VARIANTS differ in those, and the suite caches
-    engines by it (`bench.interleaved --slice-bytes` labels its extra fused variants itself)."""
+    """One engine configuration: an engine backend, its dtype, the op backend of its
+    GroupNorm+SiLU and posterior step, and its options. The id names the backend, the op backend
+    when it is a kernel backend (neither `auto` nor `native`) and the dtype: a device's variants
+    in VARIANTS differ in those, and the suite caches engines by it (`bench.interleaved
+    --slice-bytes` labels its extra fused variants itself)."""
 
     backend: str
     dtype: torch.dtype
     options: tuple[tuple[str, object], ...] = ()
+    op_backend: str = "auto"
 
     @property
     def id(self) -> str:
-        return f"{self.backend}-{DTYPE_NAMES[self.dtype]}"
+        ops_part = "" if self.op_backend in ("auto", "native") else f"-{self.op_backend}"
+        return f"{self.backend}{ops_part}-{DTYPE_NAMES[self.dtype]}"
+
+    def with_compile_mode(self, mode: str | None) -> "Variant":
+        """This variant with torch.compile's `mode` replaced (`--compile-mode`; None: unchanged)."""
+        if self.backend != "compile" or mode is None:
+            return self
+        options = tuple(option for option in self.options if option[0] != "mode")
+        return dataclasses.replace(self, options=options + ((() if mode == "default" else (("mode", mode),))))
+
+    @property
+    def compile_mode(self) -> str | None:
+        """torch.compile's mode for a compile variant (None for the others)."""
+        return dict(self.options).get("mode", "default") if self.backend == "compile" else None
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-# What every speed-up is taken over.
-BASELINE = Variant("eager", torch.float32)
+# What every speed-up is taken over. On CUDA it is plain PyTorch (`native` ops: `auto` would
+# mean our Triton kernels there, understating every speed-up and tying the baseline to them);
+# the eager run on the Triton ops is a row of its own. On the CPU the eager rows take `auto`
+# (the C++ ops where the extension is built), as every earlier CPU run did.
+BASELINE_BY_DEVICE = {"cuda": Variant("eager", torch.float32, op_backend="native"),
+                      "cpu": Variant("eager", torch.float32)}
+BASELINE_ID = BASELINE_BY_DEVICE["cpu"].id  # the same id on every device: "eager-fp32"
 # onnxruntime runs fp16 on CUDA and fp32 on the CPU (no bf16 there, see its backend);
 # torch.compile's strongest GPU setting is the baseline the fused backend must beat.
 VARIANTS = {
     "cuda": (
-        Variant("eager", torch.float32), Variant("eager", torch.bfloat16),
+        BASELINE_BY_DEVICE["cuda"], Variant("eager", torch.bfloat16, op_backend="native"),
+        Variant("eager", torch.bfloat16, op_backend="triton"),
         Variant("compile", torch.bfloat16, (("mode", "max-autotune"), ("dynamic", False))),
         Variant("fused", torch.bfloat16, (("max_graphs", 16),)),
         Variant("onnxruntime", torch.float16),
@@ -316,7 +395,7 @@ VARIANTS = {
                                             ("max_shape", (32, 128, 128)))),
     ),
     "cpu": (
-        Variant("eager", torch.float32), Variant("eager", torch.bfloat16),
+        BASELINE_BY_DEVICE["cpu"], Variant("eager", torch.bfloat16),
         Variant("compile", torch.float32, (("dynamic", False),)),
         Variant("compile", torch.bfloat16, (("dynamic", False),)),
         Variant("fused", torch.float32), Variant("fused", torch.bfloat16),
@@ -341,7 +420,7 @@ def build_engine(variant: Variant, problem: Problem, device: torch.device) -> sr
     schedule = sr3.NoiseSchedule.from_config(spec.schedule) if spec is not None else None
     resampler = spec.resampler if spec is not None else "bicubic"
     return sr3.SR3Engine(model, schedule, scale=problem.scale, backend=variant.backend, device=device,
-                         dtype=variant.dtype, progress=False, resampler=resampler,
+                         dtype=variant.dtype, progress=False, resampler=resampler, op_backend=variant.op_backend,
                          backend_options=dict(variant.options))
 
 

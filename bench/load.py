@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 import sr3_engine as sr3
-from sr3_engine.io import tensor_to_pil
+from sr3_engine.io import atomic_path, tensor_to_pil
 from sr3_engine.runtime.engine import PRECISIONS
 from sr3_engine.serving.scheduler import QueueFullError, Scheduler, SchedulerConfig
 
@@ -380,6 +380,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {"date": time.strftime("%Y-%m-%d"), "command": "python -m bench.load " + " ".join(argv or sys.argv[1:]),
               "machine": machine(), "tile_seconds": per_tile, "idle_64_seconds": idle_small, "scenarios": {},
               "figures": {}}
+    try:
+        measure(args, engine, config, loads, idle_small, result)
+    except KeyboardInterrupt:
+        # gpu-check stops a stage at its limit with SIGINT: what finished is kept.
+        result["interrupted"] = True
+        save(args.json, result)
+        print("interrupted; the scenarios that finished are saved", flush=True)
+        return 130
+    print(markdown(result), flush=True)
+    save(args.json, result)
+    return 0
+
+
+def save(path: Path | None, result: dict) -> None:
+    """Write `result` whole to `path` (nothing half-written), after every scenario."""
+    if path is not None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def measure(args, engine, config, loads, idle_small, result) -> None:
+    """Run every scenario and mode into `result`, saving it after each, then the figures."""
     amid = None
     for scenario, jobs in loads.items():
         if not jobs:
@@ -394,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcomes = runner.run(jobs)
             row = summary(outcomes, runner.calls, engine.scale)
             result["scenarios"].setdefault(scenario, {})[mode] = row
+            save(args.json, result)
             print(f"{scenario:<12} {mode:<12} {row['throughput_mp_s']:.3f} MP/s  {row['latency']}", flush=True)
             if scenario == "sixteen" and mode == "scheduler":
                 amid = next(o.image for o in outcomes if o.job.seed == 0)
@@ -413,12 +436,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle = idle_http(args, engine, args.rounds)
         result["figures"]["idle: HTTP / engine.sample, 64x64 (target <= 1.1)"] = (
             f"{idle['ratio']:.3f} ({idle['http_s'] * 1e3:.0f} ms / {idle['engine_sample_s'] * 1e3:.0f} ms)")
-    text = markdown(result)
-    print(text, flush=True)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

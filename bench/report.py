@@ -25,11 +25,10 @@ from pathlib import Path
 
 from sr3_engine.io import atomic_path
 
-from .harness import BASELINE as BASELINE_VARIANT
+from .harness import BASELINE_ID as BASELINE
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 INSERT_MARKER = "<!-- bench.report: new runs go below this line -->"
-BASELINE = BASELINE_VARIANT.id
 GOAL_BATCH_LARGE = 16
 GOAL_BATCH_ROOFLINE = 32
 
@@ -218,15 +217,17 @@ def images_per_s(row: dict) -> str:
 
 
 def by_problem(rows: list[dict]) -> list[list[dict]]:
-    """The rows of each problem (model, image size, steps), problems in the order they were measured."""
+    """The rows of each problem (model, image size, steps, tile), problems in the order they were measured."""
     problems: dict[tuple, list[dict]] = {}
     for row in rows:
-        problems.setdefault((row["config"], row["height"], row["width"], row["steps"]), []).append(row)
+        key = (row["config"], row["height"], row["width"], row["steps"], row.get("tile"))
+        problems.setdefault(key, []).append(row)
     return list(problems.values())
 
 
 def problem_title(row: dict) -> str:
-    return f"{row['config']} at {row['height']}x{row['width']}"
+    tiles = f" in {row['tile']}x{row['tile']} tiles (overlap {row.get('tile_overlap')})" if row.get("tile") else ""
+    return f"{row['config']} at {row['height']}x{row['width']}{tiles}"
 
 
 def end_to_end_tables(run: Run) -> list[str]:
@@ -247,6 +248,14 @@ def _end_to_end_tables(rows: list[dict]) -> list[str]:
     lines += ["", f"Fraction of the bf16 FLOP roofline ({fmt(first['flops_per_step'] / first['batch'] / 1e9)} "
               "GFLOP per image per step):", ""]
     lines += _grid(variants, batches, cells, lambda row, v, b: percent(row["roofline_fraction"]))
+    modes = dict.fromkeys(f"{row['variant']}: {row['compile_mode']}" for row in rows if row.get("compile_mode"))
+    if modes:
+        lines += ["", f"torch.compile mode: {', '.join(modes)}."]
+    if any(row.get("peak_memory_bytes") for row in rows):
+        lines += ["", "Peak device memory of one call, GiB (the engine's weights, the memory its captured graphs "
+                  "hold and the call's own allocations):", ""]
+        lines += _grid(variants, batches, cells, lambda row, v, b: fmt(row["peak_memory_bytes"] / 2**30)
+                       if row.get("peak_memory_bytes") else "-")
     return lines + [""]
 
 

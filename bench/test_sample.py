@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import statistics
 
+import pytest
 import torch
 
+from sr3_engine import ops
 from sr3_engine.samplers import make_plan
 
-from .harness import BASELINE, DTYPE_NAMES, flops_per_image, median_seconds, record
+from .harness import (BASELINE_BY_DEVICE, DTYPE_NAMES, TORCH_ALLOCATED_BACKENDS, call_memory, flops_per_image,
+                      median_seconds, record)
 
 
 def _inputs(device, problem, batch):
@@ -28,27 +31,47 @@ def _inputs(device, problem, batch):
     return torch.rand(batch, 3, problem.lr_size, problem.lr_size, generator=generator).to(device)
 
 
-def _fields(variant, problem, batch, seconds, steps, device_info):
-    flops_per_step = batch * flops_per_image(problem.config, problem.size, problem.size)
+def _op_backend(engine, variant) -> str | None:
+    """What runs the network's GroupNorm+SiLU (`auto` resolved), for the backends that run our module."""
+    if variant.backend not in TORCH_ALLOCATED_BACKENDS:
+        return None
+    probe = torch.empty(1, 8, 1, 1, device=engine.backend.device, dtype=variant.dtype)
+    return ops.resolve_backend("group_norm_silu", engine.backend.op_backend, probe)
+
+
+def _flops_per_step(engine, problem, batch) -> int:
+    """The denoiser's FLOPs in one step: of the whole images, or of every tile (overlaps counted twice)."""
+    if problem.tile is None:
+        return batch * flops_per_image(problem.config, problem.size, problem.size)
+    grid = engine.tile_grid(batch, (problem.size, problem.size), tile=problem.tile, tile_overlap=problem.tile_overlap)
+    return batch * grid.count * flops_per_image(problem.config, *grid.tile)
+
+
+def _fields(engine, variant, problem, batch, seconds, steps, device_info, compile_mode):
+    flops_per_step = _flops_per_step(engine, problem, batch)
     fields = dict(variant=variant.id, backend=variant.backend, dtype=DTYPE_NAMES[variant.dtype], batch=batch,
                   steps=steps, config=problem.config, height=problem.size, width=problem.size,
-                  flops_per_step=flops_per_step)
+                  flops_per_step=flops_per_step, op_backend=_op_backend(engine, variant),
+                  compile_mode=variant.with_compile_mode(compile_mode).compile_mode,
+                  tile=problem.tile, tile_overlap=problem.tile_overlap)
     if seconds:
         fields.update(ms_per_step=seconds / steps * 1e3, images_per_s=batch / seconds,
                       roofline_fraction=flops_per_step * steps / seconds / device_info.peak_bf16_flops)
     return fields
 
 
-def test_sample(benchmark, engines, clock, device, device_info, problem, rounds, variant, batch):
+def test_sample(benchmark, pytestconfig, engines, clock, device, device_info, problem, rounds, variant, batch):
     engine = engines(variant, problem)
     lr = _inputs(device, problem, batch)
 
     def sample_on(chosen):
-        return chosen.sample(lr, generator=torch.Generator(device).manual_seed(0), steps=problem.steps)
+        return chosen.sample(lr, generator=torch.Generator(device).manual_seed(0), steps=problem.steps,
+                             tile=problem.tile, tile_overlap=problem.tile_overlap)
 
     # Each round of a backend follows one round of the baseline, timed by the same clock, so that
     # the speed-up compares runs made under the same machine conditions (shared machines drift).
-    baseline = engines(BASELINE, problem) if variant != BASELINE else None
+    baseline_variant = BASELINE_BY_DEVICE[device.type]
+    baseline = engines(baseline_variant, problem) if variant != baseline_variant else None
     baseline_seconds: list[float] = []
 
     def run_baseline() -> None:
@@ -60,20 +83,19 @@ def test_sample(benchmark, engines, clock, device, device_info, problem, rounds,
     hr = benchmark.pedantic(sample_on, args=(engine,), setup=run_baseline if baseline is not None else None,
                             rounds=rounds, warmup_rounds=1, iterations=1)
     paired = statistics.median(baseline_seconds[-rounds:]) if baseline_seconds and benchmark.stats else None
-    peak = {}
-    if device.type == "cuda" and benchmark.stats:
-        # One more sample alone, since the timed rounds alternate with the baseline's.
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        sample_on(engine)
-        peak = {"peak_memory_bytes": torch.cuda.max_memory_allocated(device)}
-    # Recorded before the checks: a failed check must not leave a row the report cannot read.
-    record(benchmark, device_info, kind="sample", paired_baseline_seconds=paired, **peak,
-           **_fields(variant, problem, batch, median_seconds(benchmark), problem.steps, device_info))
+    # Recorded before the checks and the memory calls: neither a failed check nor a stop during
+    # those calls may cost the row its timings.
+    record(benchmark, device_info, kind="sample", paired_baseline_seconds=paired,
+           **_fields(engine, variant, problem, batch, median_seconds(benchmark), problem.steps, device_info,
+                     pytestconfig.getoption("--compile-mode")))
     assert hr.shape == (batch, 3, problem.size, problem.size) and bool(torch.isfinite(hr).all())
+    if device.type == "cuda" and benchmark.stats and variant.backend in TORCH_ALLOCATED_BACKENDS:
+        # Calls of its own, since the timed rounds alternate with the baseline's.
+        benchmark.extra_info.update(call_memory(engine, lambda: sample_on(engine), device))
 
 
-def test_step(benchmark, engines, device, device_info, problem, variant, batch):
+@pytest.mark.whole_images  # a step of a tiled problem is many denoiser calls: measured end to end only
+def test_step(benchmark, pytestconfig, engines, device, device_info, problem, variant, batch):
     engine = engines(variant, problem)
     full = make_plan(engine.schedule.respaced(problem.steps), engine.sampler)
     middle = full.num_steps // 2
@@ -88,6 +110,6 @@ def test_step(benchmark, engines, device, device_info, problem, variant, batch):
 
     benchmark.group = f"step {problem.config} {problem.size}x{problem.size} batch {batch}"
     y = benchmark(step)
-    record(benchmark, device_info, kind="step", **_fields(variant, problem, batch, median_seconds(benchmark), 1,
-                                                          device_info))
+    record(benchmark, device_info, kind="step", **_fields(engine, variant, problem, batch, median_seconds(benchmark),
+                                                          1, device_info, pytestconfig.getoption("--compile-mode")))
     assert y.shape == shape and bool(torch.isfinite(y).all())

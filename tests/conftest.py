@@ -3,6 +3,11 @@ import torch
 
 import sr3_engine as sr3
 
+# fp32 results here are compared with float64 references and with each other; on a GPU, PyTorch's
+# default lets convolutions (and may let matmuls) round their inputs to TF32's 10-bit mantissa.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch():

@@ -29,7 +29,14 @@ from sr3_engine.kernels import posterior_step as ps  # noqa: E402
 DEVICE = "cpu" if kernels.INTERPRETED else "cuda"
 _CANNOT_RUN = (None if kernels.INTERPRETED or torch.cuda.is_available() else
                "the Triton kernels need CUDA, or TRITON_INTERPRET=1 set before Python starts")
-runs_kernels = pytest.mark.skipif(_CANNOT_RUN is not None, reason=_CANNOT_RUN or "")
+_can_run = pytest.mark.skipif(_CANNOT_RUN is not None, reason=_CANNOT_RUN or "")
+
+
+def runs_kernels(test):
+    """A test of the kernels themselves: on CUDA when there is a GPU (gpu-check runs it there), else interpreted."""
+    return pytest.mark.cuda(_can_run(test))
+
+
 compiled_on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or kernels.INTERPRETED,
                                      reason="needs a CUDA device and compiled (not interpreted) kernels")
 

@@ -1,7 +1,9 @@
 """Fused ops against their float64 references (docs/ARCHITECTURE.md, "Tests"), for every available backend.
 
 Three-way rule: |backend - ref_fp64| <= 2 * |native_same_dtype - ref_fp64| + atol.
-Backends that are not built here are skipped with the reason the dispatcher gives.
+Backends that are not built here are skipped with the reason the dispatcher gives. The Triton
+cases run on CUDA tensors when there is a GPU (the kernels compiled for real, and the native
+reference on the same device), else on the CPU under the interpreter; they are marked `cuda`.
 """
 
 import pytest
@@ -12,6 +14,14 @@ from sr3_engine import ops
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 STEP = dict(state_coef=1.7, output_coef=1.37, coef1=0.21, coef2=0.83, sigma=0.12)
 DTYPES = list(ATOL)
+# Every op backend; the triton cases marked as CUDA cases.
+BACKENDS = [pytest.param(backend, marks=pytest.mark.cuda) if backend == "triton" else backend
+            for backend in ops.OP_BACKENDS]
+
+
+def _device(backend: str) -> torch.device:
+    """Where a backend's cases run: Triton's on CUDA when there is a GPU."""
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
 
 
 def _require(op: str, backend: str, x: torch.Tensor) -> None:
@@ -27,14 +37,14 @@ def _three_way(out: torch.Tensor, native: torch.Tensor, ref64: torch.Tensor, ato
     assert worst <= 0, f"max excess over the three-way bound: {worst:.3g} (max err {err.max().item():.3g})"
 
 
-def _inputs(batch, channels, height, width, dtype, channels_last, seed=0):
+def _inputs(batch, channels, height, width, dtype, channels_last, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(batch, channels, height, width, generator=g) * 3 + 1.5).to(dtype)
+    x = (torch.randn(batch, channels, height, width, generator=g) * 3 + 1.5).to(device, dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    weight = (torch.randn(channels, generator=g) * 0.5 + 1).to(dtype)
-    bias = (torch.randn(channels, generator=g) * 0.5).to(dtype)
-    pre_bias = torch.randn(batch, channels, generator=g).to(dtype)
+    weight = (torch.randn(channels, generator=g) * 0.5 + 1).to(device, dtype)
+    bias = (torch.randn(channels, generator=g) * 0.5).to(device, dtype)
+    pre_bias = torch.randn(batch, channels, generator=g).to(device, dtype)
     return x, weight, bias, pre_bias
 
 
@@ -44,7 +54,7 @@ FULL_GRID = [(b, 64, g, h, w) for b in (1, 5) for g in (16, 32) for h, w in ((1,
 
 def _check_group_norm_silu(backend, dtype, shape, channels_last, use_pre_bias):
     batch, channels, groups, height, width = shape
-    x, weight, bias, pre_bias = _inputs(batch, channels, height, width, dtype, channels_last)
+    x, weight, bias, pre_bias = _inputs(batch, channels, height, width, dtype, channels_last, device=_device(backend))
     pre = pre_bias if use_pre_bias else None
     _require("group_norm_silu", backend, x)
     ref64 = ops.group_norm_silu_ref(x.double(), groups, weight.double(), bias.double(),
@@ -56,7 +66,7 @@ def _check_group_norm_silu(backend, dtype, shape, channels_last, use_pre_bias):
     torch.testing.assert_close(native.double(), ref64, atol=ATOL[dtype] * 4, rtol=ATOL[dtype])
 
 
-@pytest.mark.parametrize("backend", ops.OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SMALL_GRID, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -66,7 +76,7 @@ def test_group_norm_silu(backend, dtype, shape, channels_last, use_pre_bias):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ops.OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", FULL_GRID, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -81,13 +91,13 @@ def test_group_norm_silu_reference_is_groupnorm_then_silu():
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("backend", ops.OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_group_norm_silu_gradients(backend, channels_last):
-    x, weight, bias, pre_bias = _inputs(2, 16, 5, 3, torch.float32, channels_last, seed=3)
+    x, weight, bias, pre_bias = _inputs(2, 16, 5, 3, torch.float32, channels_last, seed=3, device=_device(backend))
     _require("group_norm_silu", backend, x)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias, pre_bias)]
     leaves64 = [t.double().requires_grad_() for t in (x, weight, bias, pre_bias)]
-    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).to(x.device)
     out = ops.group_norm_silu(leaves[0], 4, leaves[1], leaves[2], pre_bias=leaves[3], backend=backend)
     (out * upstream).sum().backward()
     ref = ops.group_norm_silu_ref(leaves64[0], 4, leaves64[1], leaves64[2], pre_bias=leaves64[3])
@@ -97,14 +107,14 @@ def test_group_norm_silu_gradients(backend, channels_last):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", ["triton", "cpp"])
+@pytest.mark.parametrize("backend", [backend for backend in BACKENDS if backend != "native"])
 def test_group_norm_silu_gradients_without_affine_in_16_bit(backend, dtype):
     # The backward runs in float32 and returns each gradient in its input's dtype.
-    x, _, _, pre_bias = _inputs(3, 8, 7, 5, dtype, True, seed=4)
+    x, _, _, pre_bias = _inputs(3, 8, 7, 5, dtype, True, seed=4, device=_device(backend))
     _require("group_norm_silu", backend, x)
     leaves = [t.clone().requires_grad_() for t in (x, pre_bias)]
     leaves64 = [t.double().requires_grad_() for t in (x, pre_bias)]
-    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(x.device)
     out = ops.group_norm_silu(leaves[0], 2, pre_bias=leaves[1], backend=backend)
     (out.float() * upstream).sum().backward()
     (ops.group_norm_silu_ref(leaves64[0], 2, None, None, pre_bias=leaves64[1]) * upstream.double()).sum().backward()
@@ -183,13 +193,13 @@ def test_only_backends_that_read_a_device_seed_can_be_captured():
 
 # --------------------------------------------------------------------------- posterior_step
 
-@pytest.mark.parametrize("backend", ops.OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("shape", [(1, 3, 1, 1), (5, 3, 7, 9), (2, 3, 64, 64)], ids=str)
 def test_posterior_step_with_given_noise(backend, dtype, clip, shape):
     g = torch.Generator().manual_seed(1)
-    y_t, eps, noise = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
+    y_t, eps, noise = (torch.randn(shape, generator=g).to(_device(backend), dtype) for _ in range(3))
     _require("posterior_step", backend, y_t)
     ref64 = ops.posterior_step_ref(y_t.double(), eps.double(), noise=noise.double(), clip=clip, **STEP)
     native = ops.posterior_step(y_t, eps, noise=noise, clip=clip, backend="native", **STEP)
@@ -206,9 +216,9 @@ def test_posterior_step_reference_is_the_formula():
     torch.testing.assert_close(out, torch.tensor(expected))
 
 
-@pytest.mark.parametrize("backend", ops.OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_posterior_step_seeded_noise(backend):
-    y_t = torch.zeros(4, 3, 32, 32)
+    y_t = torch.zeros(4, 3, 32, 32, device=_device(backend))
     _require("posterior_step", backend, y_t)
     # With y_t = eps = 0 the output is sigma * z, so it exposes the noise.
     kwargs = dict(state_coef=1.0, output_coef=1.0, coef1=0.0, coef2=0.0, sigma=1.0, backend=backend)
@@ -236,9 +246,9 @@ def test_posterior_step_rejects_bad_arguments(kwargs, message):
         ops.posterior_step(y_t, y_t, **STEP, **kwargs)
 
 
-@pytest.mark.parametrize("backend", ops.OP_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_posterior_step_keeps_nan_through_the_clip(backend):
-    y_t = torch.zeros(1, 3, 4, 4)
+    y_t = torch.zeros(1, 3, 4, 4, device=_device(backend))
     _require("posterior_step", backend, y_t)
     eps = torch.zeros_like(y_t)
     eps[0, 1, 2, 3] = float("nan")

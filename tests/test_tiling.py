@@ -1,5 +1,7 @@
 """Tiled sampling (runtime/tiling.py): the grid, the blend, the budget, and no seams."""
 
+import copy
+
 import pytest
 import torch
 
@@ -154,3 +156,23 @@ def test_blending_every_step_leaves_no_seam():
 
     assert ratio(16) < 1.0
     assert ratio(0) > 1.25  # tiles that only touch: the measure does see seams
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_tiles_on_cuda_replay_one_captured_denoiser_and_match_eager(tiny_model):
+    # Three 16x16 tiles per call over 16 tiles: five full calls and one of a single tile, which
+    # the graph captured for three must serve (padded), on every step and on a second sample.
+    per_tile = tiling.working_bytes(TINY, 1, 16, 16, 4) - tiling.WORKSPACE_BYTES
+    options = dict(device="cuda", dtype=torch.float32, tile=16, tile_overlap=4,
+                   max_memory=tiling.WORKSPACE_BYTES + 3 * per_tile)
+    eager = _engine(copy.deepcopy(tiny_model), **options)
+    fused = _engine(copy.deepcopy(tiny_model), backend="fused", backend_options={"in_kernel_noise": False},
+                    **options)
+    grid = fused.tile_grid(1, (44, 44))
+    assert (grid.count, grid.tiles_per_call) == (16, 3)
+    lr = torch.rand(1, 3, 22, 22, generator=_seeded(3))
+    for seed in (1, 2):
+        torch.testing.assert_close(fused.sample(lr, generator=_seeded(seed)), eager.sample(lr, generator=_seeded(seed)),
+                                   rtol=0, atol=2e-3)
+    assert fused.backend.cached_graphs == 1

@@ -181,6 +181,11 @@ class FusedBackend:
     def cached_graphs(self) -> int:
         return len(self._graphs)
 
+    def release_graphs(self) -> None:
+        """Drop every captured graph (on the CPU, every frozen module); their memory pools go back to
+        PyTorch's allocator, and the next call of each shape captures again."""
+        self._graphs.clear()
+
     def denoise(self, x_up: torch.Tensor, y_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
         return self.model(x_up, y_t.contiguous(memory_format=torch.channels_last), noise_level)
 
