@@ -17,6 +17,8 @@ sample a 256x256 output in about 10 s on 2 CPU cores with the demo model.
         --out runs/demo-x4/tune.json --ship sr3_engine/assets/demo-x4
     python scripts/search_schedule.py --model sr3_engine/assets/demo-x4 --data data/demo/val --crop 256 \
         --samples 2 --only 0 5 --out runs/demo-x4/heldout.json
+    python scripts/search_schedule.py --model runs/demo-x4-fast/round-1/model --data data/demo/train --limit 8 \
+        --candidate ddim 32 1.0 --out runs/demo-x4-fast/round-1/tune.json
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ def main() -> int:
                         help="use N images spread evenly over the sorted list (every len/N-th)")
     parser.add_argument("--samples", type=int, default=1, help="draws per image (seeds 0..K-1)")
     parser.add_argument("--only", type=int, nargs="*", default=None, help="indices into CANDIDATES")
+    parser.add_argument("--candidate", nargs=3, action="append", default=None, metavar=("SAMPLER", "STEPS", "STRENGTH"),
+                        help="score this candidate instead of CANDIDATES (repeatable; a distilled student's own "
+                        "plan is ddim STEPS 1.0)")
     parser.add_argument("--max-steps", type=int, default=12, help="most network evaluations of the default")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ship", type=Path, default=None, help="write the model with the best candidate here")
@@ -90,7 +95,10 @@ def main() -> int:
         paths = paths[::math.ceil(len(paths) / args.limit)][:args.limit]
     hr = load_centre_crops(paths, args.crop)
     names = [p.stem for p in paths]
-    candidates = [CANDIDATES[i] for i in args.only] if args.only is not None else CANDIDATES
+    if args.candidate is not None:
+        candidates = [(name, int(steps), float(strength)) for name, steps, strength in args.candidate]
+    else:
+        candidates = [CANDIDATES[i] for i in args.only] if args.only is not None else CANDIDATES
     rows, bicubic = [], None
     print(HEADER)
     for sampler, steps, strength in candidates:

@@ -23,6 +23,7 @@ import sr3_engine as sr3
 from sr3_engine import distillation
 from sr3_engine.cli import distill, train
 from sr3_engine.runtime import model_dir
+from sr3_engine.serving.scheduler import Scheduler, SchedulerConfig
 from sr3_engine.training import checkpoint
 from sr3_engine.training.trainer import KILL_AFTER_SAVE_ENV
 
@@ -217,10 +218,10 @@ def test_distill_runs_each_round_from_the_last_and_saves_the_plan_of_each(distil
                                                      load_file(str(teacher_dir / "model.safetensors")).values()))
 
 
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+def _cli(args: list[str], env: dict[str, str], launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run([sys.executable, "-m", "sr3_engine", "distill", *args], cwd=REPO, env=environment,
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run([sys.executable, *launcher, "-m", "sr3_engine", "distill", *args], cwd=REPO,
+                          env=environment, capture_output=True, text=True, timeout=240)
 
 
 @pytest.mark.parametrize("kill_after", [1, 3])
@@ -235,6 +236,18 @@ def test_a_killed_distillation_resumes_bit_identical(distilled, teacher_dir, ima
         assert [k for part in ("model", "ema") for k in reference[part]
                 if not torch.equal(reference[part][k], resumed[part][k])] == []
         assert _losses(distilled / name) == _losses(out / name)
+
+
+@pytest.mark.slow
+def test_two_processes_with_gloo_distil_identical_replicas(teacher_dir, images, tmp_path):
+    out = tmp_path / "ddp"
+    result = _cli([*_distill_args(teacher_dir, images, out), "--device", "cpu", "--steps", "4"], env={},
+                  launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "round-1" / checkpoint.LOG_FILE).read_text().splitlines()]
+    (done,) = [r for r in records if r["type"] == "done"]
+    assert len(done["weights_sha256"]) == 2 and len(set(done["weights_sha256"])) == 1
+    assert model_dir.read_spec(out / "model").schedule.respace == 4
 
 
 def test_resume_with_fewer_steps_adds_rounds_and_keeps_the_earlier_ones(distilled, tmp_path):
@@ -304,3 +317,13 @@ def test_a_distilled_model_samples_its_plan_by_default_on_every_backend(distille
         reference = eager.sample(lr, generator=torch.Generator().manual_seed(1), tile=24, tile_overlap=8)
         assert not torch.equal(reference, eager.sample(lr, generator=torch.Generator().manual_seed(1))), "tiled"
         torch.testing.assert_close(tiled, reference, rtol=2e-4, atol=2e-4)
+
+
+def test_the_serving_scheduler_serves_a_distilled_model_as_it_is(distilled):
+    engine = sr3.SR3Engine.from_pretrained(distilled / "model", dtype=torch.float32, progress=False)
+    lr = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(2))  # x4 = 24: one tile of side 24
+    with Scheduler(engine, SchedulerConfig(tile_sides=(24, 48))) as scheduler:
+        served = scheduler.submit(lr, seed=7).result(60)
+    assert served.tiles == 1
+    expected = engine.sample(lr[None], generator=torch.Generator().manual_seed(7))[0]
+    torch.testing.assert_close(served.image, expected, rtol=0, atol=1e-5)
