@@ -73,7 +73,6 @@ def settings(argv: list[str] | None) -> argparse.Namespace:
         except (ValueError, UnicodeDecodeError) as error:
             raise UsageError(f"{path}: not readable JSON ({error})") from None
         args = resume_args(saved, args, explicit, path, DISTILL_DEFINING)
-        args.resume = False
     elif path.exists():
         raise UsageError(f"{path}: exists; pass --resume to continue that run or pick another --out")
     if not args.teacher:
