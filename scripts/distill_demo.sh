@@ -17,5 +17,5 @@ if [ -f "$OUT/distill.json" ]; then
     exec nice -n 19 $PY -m sr3_engine distill --out "$OUT" --resume --steps "$STEPS"
 fi
 exec nice -n 19 $PY -m sr3_engine distill --teacher demo-x4 --out "$OUT" --steps "$STEPS" --data data/demo/train \
-    --hr-size 64 --batch-size 16 --round-steps 1000 --lr 1e-4 --warmup-steps 50 --ema-decay 0.999 --loss l2 \
+    --hr-size 64 --batch-size 16 --round-steps 1000 --lr 1e-5 --warmup-steps 50 --ema-decay 0.999 --loss l2 \
     --seed 0 --op-backend cpp --device cpu --save-every 100 --log-every 10
