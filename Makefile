@@ -26,7 +26,7 @@ $(VENV)/.installed: $(PY) pyproject.toml setup.py $(EXT_SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install --upgrade "setuptools>=64" wheel "pybind11>=2.12"
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install "$(TRITON_SPEC)"
-	$(PY) -m pip install --no-build-isolation -e ".[test,export,serve,ray]"
+	$(PY) -m pip install --no-build-isolation -e ".[test,export,openvino,serve,ray]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -16,7 +16,7 @@ import torch
 
 from ..io import one_line, printable
 from ..runtime.backends import BackendUnavailableError
-from ..runtime.engine import PRECISIONS, SR3Engine, auto_device
+from ..runtime.engine import AUTO, PRECISION_CHOICES, PRECISIONS, SR3Engine, auto_device, precision_name
 from ..samplers import SAMPLERS, SamplerConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -154,8 +154,18 @@ def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto") 
                         help=f"cpu, cuda, cuda:N, or auto (cuda when available) (default {default})")
 
 
-def add_dtype_argument(parser: argparse.ArgumentParser, default: str = "fp32", help: str = "model precision") -> None:
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=default, help=f"{help} (default {default})")
+def add_dtype_argument(parser: argparse.ArgumentParser, default: str = AUTO, help: str = "model precision") -> None:
+    """--dtype: fp32, fp16, bf16, or auto (bf16 where the device and backend compute it natively, else
+    fp32) unless the default is one of the three, as for a file's precision."""
+    choices = PRECISION_CHOICES if default == AUTO else tuple(DTYPES)
+    auto = ", auto: bf16 where the device and backend compute it natively, else fp32" if default == AUTO else ""
+    parser.add_argument("--dtype", choices=choices, default=default, help=f"{help} (default {default}{auto})")
+
+
+def engine_line(model: str, engine: SR3Engine) -> str:
+    """What a command says first about the engine it loaded: model, backend, device and precision, and why."""
+    return printable(f"{model}: {engine.backend.name} backend on {engine.device}, "
+                     f"{precision_name(engine.dtype)} ({engine.dtype_reason})")
 
 
 def parse_device(name: str, *, local_rank: int | None = None) -> torch.device:

@@ -20,11 +20,11 @@ import torch
 from .. import metrics, resize
 from ..io import load_image, one_line, pil_to_tensor, save_png, tensor_to_pil
 from ..runtime.backends import ENGINE_BACKENDS, BackendUnavailableError
-from ..runtime.engine import SR3Engine
+from ..runtime.engine import SR3Engine, engine_dtype, precision_name
 from ..runtime.model_dir import ASSETS_DIR
 from ..samplers import make_plan
-from .common import (EXIT_OK, EXIT_USAGE, UsageError, add_device_argument, add_sampler_arguments, parse_device,
-                     print_error, sampler_config)
+from .common import (EXIT_OK, EXIT_USAGE, UsageError, add_device_argument, add_dtype_argument, add_sampler_arguments,
+                     parse_device, print_error, sampler_config)
 from .evaluate import contact_sheet, nearest_up
 
 PHOTO_LR = ASSETS_DIR / "photos" / "chelsea-lr.png"
@@ -41,10 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", choices=ENGINE_BACKENDS, default="fused",
                         help="engine backend (fused: the fastest on a CPU too, see bench/RESULTS.md)")
     add_device_argument(parser, default="cpu")
+    add_dtype_argument(parser)
     args = parser.parse_args(argv)
 
     try:
-        engine = SR3Engine.from_pretrained(args.model, device=parse_device(args.device), backend=args.backend)
+        engine = SR3Engine.from_pretrained(args.model, device=parse_device(args.device), backend=args.backend,
+                                           dtype=engine_dtype(args.dtype))
         schedule = engine.schedule_for(args.steps)
         sampler = sampler_config(engine, args)
     except (OSError, ValueError, UsageError, BackendUnavailableError) as error:
@@ -56,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     step_count = f"{steps} denoising step{'s' if steps != 1 else ''}"
     print(f"upscaling {PHOTO_LR.name} {lr.shape[-1]}x{lr.shape[-2]} -> x{engine.scale} with {args.model} "
           f"({sampler.name}, {step_count}, strength {sampler.strength}, {args.device}, "
-          f"{args.backend} backend)")
+          f"{args.backend} backend, {precision_name(engine.dtype)}; {engine.dtype_reason})")
     started = time.perf_counter()
     sr = engine.sample(lr, generator=torch.Generator().manual_seed(args.seed), schedule=schedule, sampler=sampler).cpu()
     seconds = time.perf_counter() - started

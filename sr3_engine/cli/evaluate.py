@@ -29,13 +29,14 @@ from PIL import Image, ImageDraw
 from .. import metrics, resize
 from ..io import atomic_path, one_line, printable, save_png, tensor_to_pil
 from ..runtime.backends import ENGINE_BACKENDS, BackendUnavailableError
-from ..runtime.engine import SR3Engine
+from ..runtime.engine import SR3Engine, engine_dtype, precision_name
 from ..runtime.tiling import MemoryBudgetError
 from ..samplers import SamplerConfig
 from ..schedules import NoiseSchedule
 from ..training.data import DataError, centre_crop, make_lr, print_warning, usable_images
-from .common import (DTYPES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, TILE_HINT, UsageError, add_device_argument,
-                     add_dtype_argument, add_sampler_arguments, add_tiling_arguments, parse_device, print_error,
+from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, TILE_HINT, UsageError, add_device_argument,
+                     add_dtype_argument, add_sampler_arguments, add_tiling_arguments, engine_line, parse_device,
+                     print_error,
                      run_until_stopped, sampler_config, tile_pixels)
 
 SHEET_LABELS = ("LR (nearest)", "bicubic", "SR3", "HR")
@@ -187,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         engine = SR3Engine.from_pretrained(args.model, backend=args.backend, device=parse_device(args.device),
-                                           dtype=DTYPES[args.dtype], progress=False, max_memory=args.max_memory)
+                                           dtype=engine_dtype(args.dtype), progress=False,
+                                           max_memory=args.max_memory)
         paths = usable_images(args.data, args.crop)
         if engine.scale != args.scale:
             raise UsageError(f"{args.model}: the model upscales x{engine.scale}, not x{args.scale}")
@@ -196,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         print_error(one_line(error))
         return EXIT_USAGE
 
+    print(engine_line(args.model, engine), flush=True)
     started = time.perf_counter()
     crops, paths, skipped = load_crops(paths, args.crop, args.max_images)
     if not crops:
@@ -226,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
     save_png(contact_sheet(rows), args.out / "contact_sheet.png")
     report = {
         "model": str(args.model), "data": str(args.data), "scale": args.scale, "crop": args.crop,
+        "backend": args.backend, "dtype": precision_name(engine.dtype), "dtype_reason": engine.dtype_reason,
         "steps": args.steps if args.steps is not None else engine.schedule.num_steps,
         "sampler": sampler.to_dict(), "samples": args.samples, "seconds": seconds,
         "units": {"psnr": "dB on RGB [0, 255]", "ssim": "RGB [0, 255]", "consistency": "MSE on [0, 1]",

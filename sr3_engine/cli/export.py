@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="model directory or bundled model name")
     parser.add_argument("--onnx", required=True, type=Path, help="output .onnx file")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    add_dtype_argument(parser, help="export precision")
+    # A file's precision, not a machine's: the file may run anywhere, so no auto here.
+    add_dtype_argument(parser, default="fp32", help="export precision")
     shape = parser.add_mutually_exclusive_group()
     shape.add_argument("--dynamic", dest="dynamic", action="store_true", default=True,
                        help="batch, height and width dynamic (default)")

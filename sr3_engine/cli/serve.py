@@ -31,6 +31,7 @@ import sys
 from typing import Sequence
 
 from ..io import DEFAULT_MAX_PIXELS
+from ..runtime.engine import precision_name
 from ..runtime.backends import ENGINE_BACKENDS
 from ..serving.scheduler import SchedulerConfig
 from ..serving.settings import (DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_TIMEOUT, DEFAULT_UPLOAD_TIMEOUT, ServeSettings,
@@ -156,7 +157,8 @@ def serve(settings: ServeSettings, host: str, port: int, log_level: str, max_con
     scheduler = service.scheduler
     _announce(f"http://{_url_host(bound_host)}:{bound_port}", settings,
               f"tiles {'/'.join(map(str, scheduler.tile_sides))} px, "
-              f"{'/'.join(str(scheduler.capacity[s]) for s in scheduler.tile_sides)} per call")
+              f"{'/'.join(str(scheduler.capacity[s]) for s in scheduler.tile_sides)} per call",
+              precision=f"{precision_name(engine.dtype)}; {engine.dtype_reason}")
     config = uvicorn.Config(create_app(service), log_level=log_level, timeout_graceful_shutdown=None,
                             limit_concurrency=max_connections, access_log=log_level == "debug")
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: a
@@ -177,8 +179,10 @@ def serve(settings: ServeSettings, host: str, port: int, log_level: str, max_con
     return EXIT_OK
 
 
-def _announce(where: str, settings: ServeSettings, how: str = "") -> None:
-    print(f"serving {settings.model} on {where} (backend {settings.backend} on {settings.device}, {settings.dtype}"
+def _announce(where: str, settings: ServeSettings, how: str = "", *, precision: str | None = None) -> None:
+    """The first line; `precision` is the engine's when it was built here (Ray's replicas build their own)."""
+    print(f"serving {settings.model} on {where} (backend {settings.backend} on {settings.device}, "
+          f"{precision or settings.dtype}"
           f"{'; ' + how if how else ''})", flush=True)
 
 

@@ -55,11 +55,12 @@ from ..io import (DEFAULT_MAX_PIXELS, ImageError, check_file, check_writable, co
                   load_image, one_line, outscaled, output_names, printable, save_png,
                   sweep_temporaries)
 from ..runtime.backends import ENGINE_BACKENDS
-from ..runtime.engine import SR3Engine
+from ..runtime.engine import SR3Engine, engine_dtype
 from ..runtime.tiling import MemoryBudgetError, check_tile
 from ..samplers import SamplerConfig
-from .common import (DTYPES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, TILE_HINT, UsageError, add_device_argument,
-                     add_dtype_argument, add_sampler_arguments, add_tiling_arguments, loaded_engine, parse_device,
+from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, TILE_HINT, UsageError, add_device_argument,
+                     add_dtype_argument, add_sampler_arguments, add_tiling_arguments, engine_line, loaded_engine,
+                     parse_device,
                      positive_float, positive_int, print_error, run_until_stopped, sampler_config, tile_pixels)
 
 
@@ -176,6 +177,8 @@ def upscale_all(args: argparse.Namespace, device: torch.device, rank: int, world
     check_output_folder(args.output)
     show_progress = not args.no_progress and rank == 0 and sys.stderr.isatty()
     engine = load_engine(args, device, show_progress)
+    if rank == 0:
+        print(engine_line(args.model, engine), flush=True)
     sampler = sampler_config(engine, args)
     try:
         check_tile(tile_pixels(args.tile, engine.scale), tile_pixels(args.tile_overlap, engine.scale),
@@ -276,7 +279,7 @@ def output_exists(job: Job, args: argparse.Namespace, report: Report) -> None:
 
 def load_engine(args: argparse.Namespace, device: torch.device, show_progress: bool) -> SR3Engine:
     engine = loaded_engine(lambda: SR3Engine.from_pretrained(
-        args.model, backend=args.backend, device=device, dtype=DTYPES[args.dtype], progress=show_progress,
+        args.model, backend=args.backend, device=device, dtype=engine_dtype(args.dtype), progress=show_progress,
         max_memory=args.max_memory), model=args.model, backend=args.backend)
     if args.steps is not None:
         try:

@@ -11,6 +11,9 @@ for the whole image would exceed the budget (`max_memory`), or when `tile` asks 
 An engine is configured once, at construction, and never changes afterwards: its
 attributes are read-only, and every per-call choice (steps, schedule, sampler) is an
 argument of `sample` and `upscale`.
+
+Its precision, `dtype="auto"` by default, is bf16 where both the device and the backend compute
+bf16 natively and float32 elsewhere (`choose_dtype`); `engine.dtype_reason` says why.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,12 +37,17 @@ from ..resize import RESAMPLERS
 from ..samplers import SamplerConfig, StepCallback, make_plan, sample_with
 from ..schedules import NoiseSchedule
 from . import model_dir
-from .backends import create_backend
+from .backends import computes_bf16, create_backend
 from .tiling import TileGrid, default_budget, plan_tiles
 
 ENGINE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The one spelling of precisions in commands and settings.
+# The one spelling of precisions in commands and settings; AUTO is `choose_dtype`'s.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+AUTO = "auto"
+PRECISION_CHOICES = (*PRECISIONS, AUTO)
+# CPU flags under which oneDNN runs bf16 convolutions and matrix products in hardware; without
+# them PyTorch emulates bf16, 5-8x slower than float32 (bench/RESULTS.md).
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def _prediction_of(model: nn.Module, prediction: str | None) -> str:
@@ -54,6 +63,68 @@ def _prediction_of(model: nn.Module, prediction: str | None) -> str:
 def auto_device() -> str:
     """What the device `auto` means: cuda when available, else cpu."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def engine_dtype(name: str) -> torch.dtype | str:
+    """A precision as commands and settings spell it (`PRECISION_CHOICES`), as SR3Engine's dtype."""
+    if name == AUTO:
+        return AUTO
+    if name not in PRECISIONS:
+        raise ValueError(f"dtype must be one of {PRECISION_CHOICES}; got {name!r}")
+    return PRECISIONS[name]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """fp32, fp16 or bf16: how commands print an engine's dtype."""
+    return next(name for name, value in PRECISIONS.items() if value == dtype)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature names: torch's cpuinfo where this torch has it (`torch.cpu.get_capabilities`),
+    else the flags line of /proc/cpuinfo; the two spell CPU_BF16_FLAGS alike."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None:
+        return frozenset(name for name, value in get_capabilities().items() if value is True)
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    match = re.search(r"^flags\s*:(.*)$", text, flags=re.MULTILINE)
+    return frozenset(match[1].split()) if match else frozenset()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a CUDA device of compute capability 8.0 (Ampere)
+    or later, or a CPU with AVX-512 BF16 or AMX. The one capability check behind `auto`."""
+    if device.type == "cuda":
+        # Without CUDA the backend's own error says so, not this check's.
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        return not cpu_flags().isdisjoint(CPU_BF16_FLAGS)
+    return False
+
+
+_NATIVE = {"cpu": "this CPU computes bf16 natively (AVX-512 BF16 or AMX)",
+           "cuda": "this GPU computes bf16 natively (sm_80 or later)"}
+_EMULATED = {"cpu": "this CPU has neither AVX-512 BF16 nor AMX, so bf16 would be emulated",
+             "cuda": "this GPU predates sm_80, where bf16 became native"}
+
+
+def choose_dtype(dtype: torch.dtype | str, device: torch.device, backend: str) -> tuple[torch.dtype, str]:
+    """(the engine's dtype, why): `dtype` itself when given, or for AUTO bf16 where the device
+    computes bf16 natively (`native_bf16`) and the backend does too on that kind of device
+    (`backends.computes_bf16`), else float32."""
+    if dtype != AUTO:
+        if dtype not in ENGINE_DTYPES:
+            raise ValueError(f"SR3Engine: dtype must be {AUTO!r} or one of {ENGINE_DTYPES}; got {dtype!r}")
+        return dtype, "as asked"
+    if not native_bf16(device):
+        reason = _EMULATED.get(device.type, f"bf16 on {device.type} is not known to be native")
+        return torch.float32, f"auto: {reason}"
+    if not computes_bf16(backend, device):
+        return torch.float32, f"auto: the {backend} backend does not compute bf16 on {device.type}"
+    return torch.bfloat16, f"auto: {_NATIVE[device.type]}"
 
 
 def default_schedule() -> NoiseSchedule:
@@ -75,14 +146,12 @@ class SR3Engine:
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule | None = None, scale: int = 4, *,
                  backend: str = "eager", device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, sampler: str | SamplerConfig = "ancestral",
+                 dtype: torch.dtype | str = AUTO, sampler: str | SamplerConfig = "ancestral",
                  progress: bool = True, op_backend: str = "auto", backend_options: dict[str, Any] | None = None,
                  tile: int | None = None, tile_overlap: int | None = None, max_memory: int | None = None,
                  resampler: str = "bicubic", prediction: str | None = None):
         if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
             raise ValueError(f"SR3Engine: scale must be a positive integer; got {scale!r}")
-        if dtype not in ENGINE_DTYPES:
-            raise ValueError(f"SR3Engine: dtype must be one of {ENGINE_DTYPES}; got {dtype}")
         for name, value in (("tile", tile), ("tile_overlap", tile_overlap), ("max_memory", max_memory)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"SR3Engine: {name} must be a non-negative integer or None; got {value!r}")
@@ -96,16 +165,18 @@ class SR3Engine:
         self._scale = scale
         self._sampler = sampler if isinstance(sampler, SamplerConfig) else SamplerConfig(name=sampler)
         self._device = torch.device(device)
-        self._dtype = dtype
+        self._dtype, self._dtype_reason = choose_dtype(dtype, self._device, backend)
         self._progress = progress
         self._model = model
-        self._backend = create_backend(backend, model, self._device, dtype, op_backend, backend_options)
+        self._backend = create_backend(backend, model, self._device, self._dtype, op_backend, backend_options)
 
     schedule = property(lambda self: self._schedule, doc="The default inference schedule.")
     scale = property(lambda self: self._scale, doc="The upscaling factor.")
     sampler = property(lambda self: self._sampler, doc="The default SamplerConfig.")
     device = property(lambda self: self._device)
-    dtype = property(lambda self: self._dtype)
+    dtype = property(lambda self: self._dtype, doc="The model's precision (`dtype=\"auto\"` chooses it).")
+    dtype_reason = property(lambda self: self._dtype_reason,
+                            doc="Why the engine runs in its dtype: 'as asked', or auto's reason.")
     progress = property(lambda self: self._progress, doc="Whether sampling shows a progress bar.")
     model = property(lambda self: self._model, doc="The module the engine was given.")
     backend = property(lambda self: self._backend, doc="The engine backend that runs the plan.")
@@ -244,7 +315,7 @@ class SR3Engine:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, backend: str = "eager",
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", dtype: torch.dtype | str = AUTO,
                         **engine_kwargs: Any) -> "SR3Engine":
         """Load a model directory (see `runtime.model_dir`) or a bundled model's name."""
         model, spec = model_dir.load(name_or_path)

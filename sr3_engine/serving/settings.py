@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from ..io import DEFAULT_MAX_PIXELS
-from ..runtime.engine import PRECISIONS, SR3Engine, auto_device
+from ..runtime.engine import AUTO, SR3Engine, auto_device, engine_dtype
 from .scheduler import SchedulerConfig
 
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 2**20
@@ -39,13 +39,13 @@ class ServiceConfig:
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
     """Everything that builds one service: the engine (model directory or bundled name,
-    backend, device, precision, denoiser memory budget, backend options), the scheduler and
+    backend, device, precision (fp32, fp16, bf16 or auto), denoiser memory budget, backend options), the scheduler and
     the HTTP front. Plain data, so a Ray Serve replica can build its own from it."""
 
     model: str
     backend: str = "fused"
     device: str = "auto"
-    dtype: str = "fp32"
+    dtype: str = AUTO
     max_memory: int | None = None
     backend_options: tuple[tuple[str, object], ...] = ()
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -53,13 +53,12 @@ class ServeSettings:
 
     def engine(self) -> SR3Engine:
         """The engine these settings describe (loads the model)."""
-        if self.dtype not in PRECISIONS:
-            raise ValueError(f"dtype must be one of {tuple(PRECISIONS)}; got {self.dtype!r}")
+        dtype = engine_dtype(self.dtype)
         options = dict(self.backend_options)
         if self.backend == "fused":
             # A traced or captured denoiser per tile shape and batch size: keep every one of them.
             options.setdefault("max_graphs", FUSED_MAX_GRAPHS)
         device = auto_device() if self.device == "auto" else self.device
         return SR3Engine.from_pretrained(self.model, backend=self.backend, device=device,
-                                         dtype=PRECISIONS[self.dtype], progress=False, max_memory=self.max_memory,
+                                         dtype=dtype, progress=False, max_memory=self.max_memory,
                                          backend_options=options)

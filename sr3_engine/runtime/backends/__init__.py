@@ -15,6 +15,7 @@ from .compile import CompileBackend
 from .eager import EagerBackend
 from .fused import FusedBackend
 from .onnxruntime import OnnxRuntimeBackend
+from .openvino import OpenVINOBackend
 from .tensorrt import TensorRTBackend
 
 # The one registry of engine backends; the commands take their choices from it.
@@ -23,9 +24,18 @@ BACKENDS: dict[str, type] = {
     "fused": FusedBackend,
     "compile": CompileBackend,
     "onnxruntime": OnnxRuntimeBackend,
+    "openvino": OpenVINOBackend,
     "tensorrt": TensorRTBackend,
 }
 ENGINE_BACKENDS = tuple(BACKENDS)
+
+
+def computes_bf16(name: str, device: torch.device) -> bool:
+    """Whether the named backend computes bf16 natively on this kind of device, given a device that
+    does (its class's `bf16_devices`): what `dtype="auto"` asks of a backend before choosing bf16."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown engine backend {name!r}; choose one of {ENGINE_BACKENDS}")
+    return device.type in BACKENDS[name].bf16_devices
 
 
 def create_backend(name: str, model: nn.Module, device: torch.device, dtype: torch.dtype,
@@ -36,4 +46,4 @@ def create_backend(name: str, model: nn.Module, device: torch.device, dtype: tor
     return BACKENDS[name](model, device, dtype, op_backend, **dict(options or {}))
 
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "ENGINE_BACKENDS", "create_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "ENGINE_BACKENDS", "computes_bf16", "create_backend"]

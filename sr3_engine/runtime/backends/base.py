@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import tempfile
+from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+import torch.nn as nn
 
 from ...samplers import Denoiser, NoiseSource, SamplingPlan, StepCallback, run_plan
+from ..onnx_export import DEFAULT_OPSET, ExportError, export_onnx
 from ..tiling import TileGrid, TiledDenoiser
 
 
@@ -16,9 +21,11 @@ class BackendUnavailableError(RuntimeError):
 
 class Backend(Protocol):
     """`run` applies a whole plan; with `tiles` the denoiser runs on that grid's tiles, blended
-    every step. `tile_limits` is (most tiles per denoiser call, largest tile side) or Nones."""
+    every step. `tile_limits` is (most tiles per denoiser call, largest tile side) or Nones;
+    `bf16_devices` the device types (cpu, cuda) where it computes bf16 natively when the device does."""
 
     name: str
+    bf16_devices: tuple[str, ...]
     device: torch.device
     dtype: torch.dtype
     tile_limits: tuple[int | None, int | None]
@@ -48,3 +55,21 @@ def run_eagerly(denoise: Callable, device: torch.device, x_up: torch.Tensor, y_T
         denoise = TiledDenoiser(denoise, tiles, device)
     with torch.inference_mode():
         return run_plan(denoise, x_up, y_T, plan, generator=generator, callback=callback, backend=op_backend)
+
+
+def onnx_file(backend: str, model: nn.Module, dtype: torch.dtype, onnx_path: str | None,
+              opset: int | None) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """The ONNX file a backend runs: `onnx_path` as it is, or a copy of `model` in `dtype` exported
+    into a temporary directory, returned with it so that the backend keeps it for its life."""
+    if onnx_path is not None:
+        if opset is not None:
+            raise ValueError(f"engine backend {backend!r}: opset applies to an export; onnx_path is already one")
+        return Path(onnx_path), None
+    tmpdir = tempfile.TemporaryDirectory(prefix=f"sr3_{backend}_")
+    path = Path(tmpdir.name) / "denoiser.onnx"
+    try:
+        export_onnx(copy.deepcopy(model).to("cpu", dtype), path, opset=opset or DEFAULT_OPSET)
+    except ExportError as error:
+        tmpdir.cleanup()
+        raise BackendUnavailableError(f"engine backend {backend!r}: {error}") from None
+    return path, tmpdir

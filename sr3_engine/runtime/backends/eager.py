@@ -14,6 +14,7 @@ from .base import run_eagerly
 class EagerBackend:
     name = "eager"
     tile_limits = (None, None)
+    bf16_devices = ("cpu", "cuda")
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, op_backend: str = "auto"):
         self.device = device

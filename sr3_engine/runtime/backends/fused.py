@@ -143,6 +143,7 @@ def _freeze(model: nn.Module, x_up: torch.Tensor, y_t: torch.Tensor, noise_level
 class FusedBackend:
     name = "fused"
     tile_limits = (None, None)
+    bf16_devices = ("cpu", "cuda")
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, op_backend: str = "auto", *,
                  max_graphs: int = 4, in_kernel_noise: bool = True, slice_bytes: int | None = DEFAULT_SLICE_BYTES):

@@ -19,18 +19,14 @@ numpy element types, which have no bfloat16.
 
 from __future__ import annotations
 
-import copy
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ...samplers import Denoiser, GeneratorNoise, NoiseSource, SamplingPlan, StepCallback
-from ..onnx_export import DEFAULT_OPSET, ExportError, export_onnx, output_name
+from ..onnx_export import output_name
 from ..tiling import TileGrid
-from .base import BackendUnavailableError, run_eagerly
+from .base import BackendUnavailableError, onnx_file, run_eagerly
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
 _ONNX_TYPES = {torch.float32: "tensor(float)", torch.float16: "tensor(float16)"}
@@ -48,6 +44,8 @@ def _import_onnxruntime():
 class OnnxRuntimeBackend:
     name = "onnxruntime"
     tile_limits = (None, None)
+    # bfloat16 is refused on every device (see the module docstring).
+    bf16_devices = ()
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, op_backend: str = "auto", *,
                  onnx_path: str | None = None, opset: int | None = None):
@@ -60,17 +58,7 @@ class OnnxRuntimeBackend:
         # then runs on a stream of its own, unordered with torch's: the engine owns a real one.
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         providers = self._providers(ort, device)
-        self._tmpdir = None
-        if onnx_path is None:
-            self._tmpdir = tempfile.TemporaryDirectory(prefix="sr3_onnx_")
-            onnx_path = str(Path(self._tmpdir.name) / "denoiser.onnx")
-            try:
-                export_onnx(copy.deepcopy(model).to("cpu", dtype), onnx_path, opset=opset or DEFAULT_OPSET)
-            except ExportError as error:
-                raise BackendUnavailableError(f"engine backend 'onnxruntime': {error}") from None
-        elif opset is not None:
-            raise ValueError("engine backend 'onnxruntime': opset applies to an export; onnx_path is already one")
-        self.onnx_path = Path(onnx_path)
+        self.onnx_path, self._tmpdir = onnx_file(self.name, model, dtype, onnx_path, opset)
         self.session = ort.InferenceSession(str(self.onnx_path), providers=providers)
         self.output_name = self.session.get_outputs()[0].name
         if self.output_name != output_name(model):

@@ -143,6 +143,7 @@ def _pin_normalization_to_fp32(trt, network) -> None:
 
 class TensorRTBackend:
     name = "tensorrt"
+    bf16_devices = ("cuda",)
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, op_backend: str = "auto", *,
                  onnx_path: str | None = None, min_shape: Shape = (1, 64, 64), opt_shape: Shape = (1, 256, 256),
