@@ -55,6 +55,19 @@ struct PosteriorStepArgs {
   int64_t seed = 0, step = 0;        // used when noise_mode == kPhilox
 };
 
+// How the CPU kernels write bfloat16 (group_norm_silu's output). kGeneric rounds in integer
+// arithmetic (cpu/dtype.h); kAvx512Bf16 with the CPU's conversion instructions (VCVTNE2PS2BF16,
+// AVX-512 BF16). Both round to nearest even; the instruction also flushes float32 subnormals to
+// zero and keeps a NaN's payload (quieted) where kGeneric writes one canonical NaN.
+enum class Bf16Path : int { kGeneric = 0, kAvx512Bf16 = 1 };
+
+// The path the CPU kernels take: kAvx512Bf16 where the CPU has AVX-512 BF16 (cpuid), unless forced.
+Bf16Path bf16_path();
+bool cpu_supports_bf16_path(Bf16Path path);
+// Forces `path` on every later kernel call (path < 0: the CPU's choice again); false, changing
+// nothing, for a path this CPU does not support. For tests and benchmarks.
+bool force_bf16_path(int path);
+
 // CPU kernels (OpenMP with `num_threads` threads). Results do not depend on num_threads: the
 // reductions are cut into pieces fixed by the shape alone and summed in a fixed order.
 void group_norm_silu_cpu(const GroupNormSiluArgs& args, int num_threads);

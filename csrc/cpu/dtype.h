@@ -84,6 +84,10 @@ struct BFloat16 {
   }
 };
 
+// dst[i] = BFloat16::store(src[i]) for i < n, on `path` (bf16.cpp); equal bits but for what
+// sr3_kernels.h's Bf16Path says.
+void store_bf16(Bf16Path path, const float* src, uint16_t* dst, int64_t n);
+
 // Calls f(Float32{}), f(Float16{}) or f(BFloat16{}) for `dtype`.
 template <class F>
 void dispatch_dtype(DType dtype, F&& f) {

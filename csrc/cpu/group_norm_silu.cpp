@@ -23,8 +23,12 @@
 // Channels_last images of fewer chunks than threads (a chunk is 16384 values) are swept as one
 // batch instead, which is what keeps the threads busy there. None of this changes which values
 // a partial holds nor the order partials are summed in.
+// bfloat16 output on the AVX-512 BF16 path (sr3_kernels.h: Bf16Path, chosen at run time) is
+// computed into a float block of kStoreBlock values and converted by the CPU's instruction; on
+// the generic path, and for the other dtypes, each value is rounded inside the loop as before.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "dtype.h"
@@ -37,6 +41,7 @@ constexpr int64_t kMinParallel = 32768;  // below this many values a fork costs 
 constexpr int64_t kTile = 16;            // NHWC channels accumulated together: one AVX-512 register
 constexpr int64_t kBlock = 256;          // NCHW values per lane-wise float sum (16 per lane at AVX-512)
 constexpr int64_t kBlockBytes = 16384;   // NHWC rows read for every channel tile while in L1 (half of it)
+constexpr int64_t kStoreBlock = 256;     // float values converted to bfloat16 at once (1 KiB, in L1)
 
 // Asks for the cache lines of [begin, begin + bytes) ahead of their use.
 inline void prefetch(const void* begin, int64_t bytes) {
@@ -55,7 +60,7 @@ class GroupNormSilu {
 
   explicit GroupNormSilu(const GroupNormSiluArgs& a)
       : a_(a), x_(static_cast<const T*>(a.x)), out_(static_cast<T*>(a.out)),
-        per_group_(a.channels / a.groups) {
+        per_group_(a.channels / a.groups), bf16_path_(bf16_path()) {
     if (a.channels_last) {
       rows_per_chunk_ = std::max<int64_t>(1, kChunk / a.channels);
       chunks_ = (a.spatial + rows_per_chunk_ - 1) / rows_per_chunk_;
@@ -258,8 +263,8 @@ class GroupNormSilu {
       const int64_t stop = std::min(end, (local + 1) * a_.spatial);
       const int64_t bc = b * a_.channels + first_channel + local;
       const float base = base_[bc], shift = shift_[bc], scale = scale_[bc], bias = bias_[bc];
-#pragma omp simd
-      for (int64_t i = j; i < stop; ++i) out[i] = Tr::store(silu(((Tr::load(in[i]) - base) - shift) * scale + bias));
+      const T* __restrict run = in + j;
+      write(out + j, stop - j, [&](int64_t i) { return silu(((Tr::load(run[i]) - base) - shift) * scale + bias); });
       j = stop;
     }
   }
@@ -278,17 +283,35 @@ class GroupNormSilu {
       const T* __restrict in = x_ + (b * a_.spatial + p) * channels;
       T* __restrict out = out_ + (b * a_.spatial + p) * channels;
       if (kPrefetchNext) prefetch(in + a_.spatial * channels, channels * static_cast<int64_t>(sizeof(T)));
+      write(out, channels,
+            [&](int64_t c) { return silu(((Tr::load(in[c]) - base[c]) - shift[c]) * scale[c] + bias[c]); });
+    }
+  }
+
+  // out[i] = Tr::store(value(i)) for i < n.
+  template <class Value>
+  void write(T* __restrict out, int64_t n, const Value& value) {
+    if constexpr (std::is_same_v<Tr, BFloat16>) {
+      if (bf16_path_ != Bf16Path::kGeneric) {
+        for (int64_t i0 = 0; i0 < n; i0 += kStoreBlock) {
+          const int64_t m = std::min(kStoreBlock, n - i0);
+          float block[kStoreBlock];
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        out[c] = Tr::store(silu(((Tr::load(in[c]) - base[c]) - shift[c]) * scale[c] + bias[c]));
+          for (int64_t i = 0; i < m; ++i) block[i] = value(i0 + i);
+          store_bf16(bf16_path_, block, out + i0, m);
+        }
+        return;
       }
     }
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = Tr::store(value(i));
   }
 
   const GroupNormSiluArgs& a_;
   const T* x_;
   T* out_;
   int64_t per_group_;
+  Bf16Path bf16_path_;
   int64_t chunks_ = 0, rows_per_chunk_ = 0;
   std::vector<double> sums_, sumsqs_;
   std::vector<float> base_, delta_, shift_, scale_, bias_;
