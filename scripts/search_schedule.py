@@ -88,7 +88,8 @@ def main() -> int:
     parser.add_argument("--ship", type=Path, default=None, help="write the model with the best candidate here")
     args = parser.parse_args()
 
-    engine = sr3.SR3Engine.from_pretrained(args.model, progress=False)
+    # float32 whatever the machine: the schedule shipped is chosen on the figures RECIPE.md records.
+    engine = sr3.SR3Engine.from_pretrained(args.model, dtype=torch.float32, progress=False)
     spec = model_dir.read_spec(model_dir.resolve(args.model))
     paths = usable_images(args.data, args.crop)
     if args.limit is not None:
