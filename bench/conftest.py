@@ -29,6 +29,9 @@ def pytest_addoption(parser):
     group = parser.getgroup("sr3_engine benchmarks")
     group.addoption("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="where to measure (auto: cuda when available)")
+    group.addoption("--peak-fp32-tflops", type=float, default=None,
+                    help="the device's dense fp32 peak in TFLOP/s (TF32 where cuDNN uses it), instead of the data "
+                    "sheet or a measurement")
     group.addoption("--peak-tflops", type=float, default=None,
                     help="the device's dense bf16 peak in TFLOP/s, instead of the data sheet or a measurement")
     group.addoption("--peak-gbps", type=float, default=None,
@@ -95,7 +98,8 @@ def clock(pytestconfig):
 
 @pytest.fixture(scope="session")
 def device_info(pytestconfig, device) -> harness.DeviceInfo:
-    return harness.describe(device, pytestconfig.getoption("--peak-tflops"), pytestconfig.getoption("--peak-gbps"))
+    return harness.describe(device, pytestconfig.getoption("--peak-tflops"), pytestconfig.getoption("--peak-gbps"),
+                            pytestconfig.getoption("--peak-fp32-tflops"))
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,17 @@
 """What every benchmark row carries: the device, its peaks, the versions, FLOPs, and a clock.
 
-Peaks. On a GPU the roofline is the vendor's dense bf16 tensor-core figure and the HBM
-bandwidth from the data sheet (the table below, matched on the device name). On a CPU,
-or a GPU not in the table, there is no dependable data sheet figure, so both are measured
-here: the best of a few 2048^3 bf16 matmuls, and a 256 MiB tensor copy (read + write).
-Either can be overridden (`--peak-tflops`, `--peak-gbps`); the source goes into every row.
+Peaks. A row's FLOP fraction is taken of the device's peak in the precision it computes in
+(`DeviceInfo.peak_flops`): bf16 rows of the bf16 peak where the device computes bf16 natively
+(`runtime.engine.native_bf16`), else of the fp32 peak, since an emulated bf16 product runs on
+the fp32 units (the emulated bf16 matmul peak is far below them, and fractions of it came out
+at several times 100%); fp32 rows of the fp32 peak, which on a GPU is the TF32 tensor-core
+figure while cuDNN may use TF32 (PyTorch's default), else its fp32 figure. On a GPU the peaks
+and the HBM bandwidth come from the data sheet (the table below, matched on the device name).
+On a CPU, or a GPU not in the table, there is no dependable data sheet figure, so they are
+measured here: the best of a few bf16 and fp32 matmuls of up to 2048^3, and a 256 MiB tensor
+copy (read + write). Each can be overridden (`--peak-tflops`, `--peak-fp32-tflops`,
+`--peak-gbps`); the source goes into every row. A fraction above 1 means a peak was
+underestimated: the row keeps it, and the report prints it as an error, not a figure.
 
 Clock. CUDA work is asynchronous, so on a CUDA device the clock synchronises the device and
 then reads perf_counter: a round starts and ends at points where every earlier kernel has
@@ -30,17 +37,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import sr3_engine as sr3
 from sr3_engine.runtime import model_dir
+from sr3_engine.runtime.engine import AUTO, native_bf16
 
-# (substring of torch.cuda.get_device_name(), dense bf16 TFLOP/s, memory TB/s, data sheet), first match wins.
+# (substring of torch.cuda.get_device_name(), dense bf16 TFLOP/s, fp32 (CUDA core) TFLOP/s, memory
+# TB/s, data sheet), first match wins. Dense TF32 is half the dense bf16 figure on all of them.
 GPU_DATA_SHEETS = (
-    ("H200 NVL", 835.5, 4.8, "NVIDIA H200 NVL data sheet"),
-    ("H200", 989.4, 4.8, "NVIDIA H200 SXM data sheet"),
-    ("H100 NVL", 835.5, 3.9, "NVIDIA H100 NVL data sheet"),
-    ("H100 PCIe", 756.5, 2.0, "NVIDIA H100 PCIe data sheet"),
-    ("H100", 989.4, 3.35, "NVIDIA H100 SXM5 data sheet"),
-    ("A100-SXM4-80GB", 312.0, 2.039, "NVIDIA A100 SXM4 80GB data sheet"),
-    ("A100-SXM4-40GB", 312.0, 1.555, "NVIDIA A100 SXM4 40GB data sheet"),
-    ("A100 80GB PCIe", 312.0, 1.935, "NVIDIA A100 PCIe 80GB data sheet"),
+    ("H200 NVL", 835.5, 60.0, 4.8, "NVIDIA H200 NVL data sheet"),
+    ("H200", 989.4, 67.0, 4.8, "NVIDIA H200 SXM data sheet"),
+    ("H100 NVL", 835.5, 60.0, 3.9, "NVIDIA H100 NVL data sheet"),
+    ("H100 PCIe", 756.5, 51.0, 2.0, "NVIDIA H100 PCIe data sheet"),
+    ("H100", 989.4, 67.0, 3.35, "NVIDIA H100 SXM5 data sheet"),
+    ("A100-SXM4-80GB", 312.0, 19.5, 2.039, "NVIDIA A100 SXM4 80GB data sheet"),
+    ("A100-SXM4-40GB", 312.0, 19.5, 1.555, "NVIDIA A100 SXM4 40GB data sheet"),
+    ("A100 80GB PCIe", 312.0, 19.5, 1.935, "NVIDIA A100 PCIe 80GB data sheet"),
 )
 # A MIG slice has a fraction of the GPU's peaks, and a Grace Hopper (GH200) has other memory
 # than its H100/H200 namesakes: those are measured.
@@ -57,6 +66,18 @@ class DeviceInfo:
     peak_bytes_per_s: float
     peak_source: str
     versions: dict
+    peak_fp32_flops: float
+    native_bf16: bool
+
+    def peak_flops(self, dtype: torch.dtype) -> tuple[float, str]:
+        """(FLOP/s, what it is the peak of) for work in `dtype`: the peak of the precision the device
+        computes that work in."""
+        if dtype == torch.float32:
+            return self.peak_fp32_flops, "fp32"
+        half_native = self.native_bf16 if dtype == torch.bfloat16 else self.device == "cuda" and self.native_bf16
+        if half_native:
+            return self.peak_bf16_flops, "bf16"
+        return self.peak_fp32_flops, f"fp32 ({DTYPE_NAMES[dtype]} is emulated in fp32 here)"
 
     def row(self) -> dict:
         """The fields every benchmark row's extra_info starts with."""
@@ -65,6 +86,8 @@ class DeviceInfo:
             "device_name": self.name,
             # Significant figures, not decimals: an emulated bf16 matmul reaches a few GFLOP/s.
             "peak_bf16_tflops": float(f"{self.peak_bf16_flops / 1e12:.4g}"),
+            "peak_fp32_tflops": float(f"{self.peak_fp32_flops / 1e12:.4g}"),
+            "native_bf16": self.native_bf16,
             "peak_gbps": round(self.peak_bytes_per_s / 1e9, 1),
             "peak_source": self.peak_source,
             **self.versions,
@@ -112,25 +135,28 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def data_sheet(name: str) -> tuple[float, float, str] | None:
-    """(bf16 FLOP/s, bytes/s, source) for a GPU named in GPU_DATA_SHEETS, else None."""
+def data_sheet(name: str, tf32: bool = True) -> tuple[float, float, float, str] | None:
+    """(bf16 FLOP/s, fp32 FLOP/s, bytes/s, source) for a GPU named in GPU_DATA_SHEETS, else None.
+    The fp32 figure is dense TF32 (half of bf16) when `tf32` (cuDNN may use it for fp32
+    convolutions), else the CUDA cores' fp32."""
     if any(marker in name for marker in NOT_IN_DATA_SHEETS):
         return None
-    for key, tflops, tbps, source in GPU_DATA_SHEETS:
+    for key, tflops, fp32_tflops, tbps, source in GPU_DATA_SHEETS:
         if key in name:
-            return tflops * 1e12, tbps * 1e12, source
+            fp32 = tflops / 2 if tf32 else fp32_tflops
+            return tflops * 1e12, fp32 * 1e12, tbps * 1e12, f"{source} (fp32: {'TF32' if tf32 else 'CUDA cores'})"
     return None
 
 
-def measure_bf16_flops(device: torch.device, size: int = 2048, repeats: int = 5,
-                       budget_s: float = 0.5) -> tuple[float, int]:
-    """(best bf16 FLOP/s, the matmul side it was measured at). The side doubles from 256 up to
-    `size` while one product takes under `budget_s`: a CPU without bf16 instructions emulates
-    them and takes minutes for one 2048^3 product, and its peak is reached long before that."""
+def measure_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, size: int = 2048, repeats: int = 5,
+                  budget_s: float = 0.5) -> tuple[float, int]:
+    """(best FLOP/s of a `dtype` matmul, the side it was measured at). The side doubles from 256
+    up to `size` while one product takes under `budget_s`: a CPU without bf16 instructions
+    emulates them and takes minutes for one 2048^3 product, and its peak is reached long before that."""
     side = min(256, size)
     while True:
-        a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
-        b = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+        a = torch.randn(side, side, device=device, dtype=dtype)
+        b = torch.randn(side, side, device=device, dtype=dtype)
         seconds = _best_time(lambda: a @ b, device, 1)
         if side >= size or seconds * 8 > budget_s:
             return 2 * side**3 / _best_time(lambda: a @ b, device, repeats), side
@@ -169,24 +195,31 @@ def clock_for(device: torch.device):
     return CudaSyncClock(device) if device.type == "cuda" else time.perf_counter
 
 
-def describe(device: torch.device, peak_tflops: float | None = None, peak_gbps: float | None = None) -> DeviceInfo:
+def describe(device: torch.device, peak_tflops: float | None = None, peak_gbps: float | None = None,
+             peak_fp32_tflops: float | None = None) -> DeviceInfo:
     name = device_name(device)
-    sheet = data_sheet(name) if device.type == "cuda" else None
+    sheet = data_sheet(name, torch.backends.cudnn.allow_tf32) if device.type == "cuda" else None
     size = 8192 if device.type == "cuda" else 2048  # the largest side measured: a GPU needs 8192 to near its peak
     if sheet is not None:
-        flops, bandwidth, source = sheet
+        flops, fp32_flops, bandwidth, source = sheet
     else:
         # Only what is not given is measured.
-        flops, side = measure_bf16_flops(device, size) if peak_tflops is None else (None, None)
+        flops, side = measure_flops(device, torch.bfloat16, size) if peak_tflops is None else (None, None)
+        fp32_flops, fp32_side = (measure_flops(device, torch.float32, size) if peak_fp32_tflops is None
+                                 else (None, None))
         bandwidth = measure_bytes_per_s(device) if peak_gbps is None else None
-        measured = [what for what, value in ((f"best {side}^3 bf16 matmul", flops), ("256 MiB copy", bandwidth))
-                    if value is not None]
+        measured = [what for what, value in ((f"best {side}^3 bf16 matmul", flops),
+                                             (f"best {fp32_side}^3 fp32 matmul", fp32_flops),
+                                             ("256 MiB copy", bandwidth)) if value is not None]
         source = f"measured here: {', '.join(measured)}" if measured else "nothing measured"
-    if peak_tflops is not None:
-        flops, source = peak_tflops * 1e12, f"given (--peak-tflops {peak_tflops}); " + source
-    if peak_gbps is not None:
-        bandwidth, source = peak_gbps * 1e9, f"given (--peak-gbps {peak_gbps}); " + source
-    return DeviceInfo(device.type, name, flops, bandwidth, source, versions())
+    for option, value in (("--peak-tflops", peak_tflops), ("--peak-fp32-tflops", peak_fp32_tflops),
+                          ("--peak-gbps", peak_gbps)):
+        if value is not None:
+            source = f"given ({option} {value}); " + source
+    flops = peak_tflops * 1e12 if peak_tflops is not None else flops
+    fp32_flops = peak_fp32_tflops * 1e12 if peak_fp32_tflops is not None else fp32_flops
+    bandwidth = peak_gbps * 1e9 if peak_gbps is not None else bandwidth
+    return DeviceInfo(device.type, name, flops, bandwidth, source, versions(), fp32_flops, native_bf16(device))
 
 
 def unet_config(name: str) -> sr3.UNetConfig:
@@ -334,7 +367,8 @@ PROBLEMS = {
                      tile=128, tile_overlap=32)),
     "cpu": (Problem("tiny", lr_size=8, scale=4, batches=(1, 8, 32)),
             Problem("demo-x4", lr_size=64, scale=4, batches=(1, 4), steps=4,
-                    variants=("eager-fp32", "compile-fp32", "fused-fp32", "fused-bf16", "onnxruntime-fp32")),
+                    variants=("eager-fp32", "compile-fp32", "fused-fp32", "fused-bf16", "fused-auto",
+                              "onnxruntime-fp32", "openvino-auto")),
             Problem("tiny", lr_size=16, scale=4, batches=(1,), steps=4, variants=("fused-fp32",),
                     tile=32, tile_overlap=8)),
 }
@@ -352,7 +386,7 @@ class Variant:
     --slice-bytes` labels its extra fused variants itself)."""
 
     backend: str
-    dtype: torch.dtype
+    dtype: torch.dtype | str
     options: tuple[tuple[str, object], ...] = ()
     op_backend: str = "auto"
 
@@ -374,7 +408,9 @@ class Variant:
         return dict(self.options).get("mode", "default") if self.backend == "compile" else None
 
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# "auto" is the engine's default: the precision `runtime.engine.choose_dtype` picks for the device
+# and backend; its rows record what was picked and why.
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", AUTO: "auto"}
 # What every speed-up is taken over. On CUDA it is plain PyTorch (`native` ops: `auto` would
 # mean our Triton kernels there, understating every speed-up and tying the baseline to them);
 # the eager run on the Triton ops is a row of its own. On the CPU the eager rows take `auto`
@@ -383,7 +419,9 @@ BASELINE_BY_DEVICE = {"cuda": Variant("eager", torch.float32, op_backend="native
                       "cpu": Variant("eager", torch.float32)}
 BASELINE_ID = BASELINE_BY_DEVICE["cpu"].id  # the same id on every device: "eager-fp32"
 # onnxruntime runs fp16 on CUDA and fp32 on the CPU (no bf16 there, see its backend);
-# torch.compile's strongest GPU setting is the baseline the fused backend must beat.
+# torch.compile's strongest GPU setting is the baseline the fused backend must beat. On the CPU,
+# fused-auto is the engine as a user gets it (dtype "auto": bf16 where the CPU computes it
+# natively) and openvino-auto the peer people pick for CPU inference, at its best precision.
 VARIANTS = {
     "cuda": (
         BASELINE_BY_DEVICE["cuda"], Variant("eager", torch.bfloat16, op_backend="native"),
@@ -398,8 +436,8 @@ VARIANTS = {
         BASELINE_BY_DEVICE["cpu"], Variant("eager", torch.bfloat16),
         Variant("compile", torch.float32, (("dynamic", False),)),
         Variant("compile", torch.bfloat16, (("dynamic", False),)),
-        Variant("fused", torch.float32), Variant("fused", torch.bfloat16),
-        Variant("onnxruntime", torch.float32), Variant("tensorrt", torch.bfloat16),
+        Variant("fused", torch.float32), Variant("fused", torch.bfloat16), Variant("fused", AUTO),
+        Variant("onnxruntime", torch.float32), Variant("openvino", AUTO), Variant("tensorrt", torch.bfloat16),
     ),
 }
 

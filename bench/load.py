@@ -53,7 +53,7 @@ import torch
 
 import sr3_engine as sr3
 from sr3_engine.io import atomic_path, tensor_to_pil
-from sr3_engine.runtime.engine import PRECISIONS
+from sr3_engine.runtime.engine import AUTO, PRECISION_CHOICES, engine_dtype, precision_name
 from sr3_engine.serving.scheduler import QueueFullError, Scheduler, SchedulerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="demo-x4")
     parser.add_argument("--backend", default="fused")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--dtype", default=AUTO, choices=PRECISION_CHOICES,
+                        help="the engine's precision (default auto: bf16 where the device computes it natively)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), type=lambda s: s.split(","))
     parser.add_argument("--modes", default=",".join(MODES), type=lambda s: s.split(","))
     parser.add_argument("--seconds", type=float, default=60.0, help="arrivals of the mix scenario (default 60)")
@@ -366,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown {sorted(unknown)}; scenarios {SCENARIOS}, modes {MODES}")
     engine = sr3.SR3Engine.from_pretrained(args.model, backend=args.backend, device=args.device,
-                                           dtype=PRECISIONS[args.dtype], progress=False,
+                                           dtype=engine_dtype(args.dtype), progress=False,
                                            backend_options={"max_graphs": 64} if args.backend == "fused" else None)
     config = SchedulerConfig(max_queued=256)
     with Scheduler(engine, config) as sizing:
@@ -378,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"tile seconds {per_tile}; idle 64x64 {idle_small:.3f} s; "
           f"jobs {{{', '.join(f'{k}: {len(v)}' for k, v in loads.items())}}}", flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "command": "python -m bench.load " + " ".join(argv or sys.argv[1:]),
-              "machine": machine(), "tile_seconds": per_tile, "idle_64_seconds": idle_small, "scenarios": {},
+              "machine": machine(), "dtype": precision_name(engine.dtype), "dtype_reason": engine.dtype_reason,
+              "tile_seconds": per_tile, "idle_64_seconds": idle_small, "scenarios": {},
               "figures": {}}
     try:
         measure(args, engine, config, loads, idle_small, result)

@@ -8,8 +8,8 @@ needs) and then `--benchmark-min-rounds` timed rounds, each right after a round 
 eager-fp32 baseline whose median goes into the row (`paired_baseline_seconds`).
 `test_step`: one reverse step (a denoiser call and the posterior update) through the same
 engine backend, from the middle of the same 100-step plan (not paired). Rows carry FLOPs per
-step (torch.utils.flop_counter), images/s, ms per step and the fraction of the device's bf16
-roofline the denoiser's FLOPs reach.
+step (torch.utils.flop_counter), images/s, ms per step and the fraction of the device's FLOP
+roofline the denoiser's FLOPs reach, in the precision it computes in (`DeviceInfo.peak_flops`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _op_backend(engine, variant) -> str | None:
     """What runs the network's GroupNorm+SiLU (`auto` resolved), for the backends that run our module."""
     if variant.backend not in TORCH_ALLOCATED_BACKENDS:
         return None
-    probe = torch.empty(1, 8, 1, 1, device=engine.backend.device, dtype=variant.dtype)
+    probe = torch.empty(1, 8, 1, 1, device=engine.backend.device, dtype=engine.dtype)
     return ops.resolve_backend("group_norm_silu", engine.backend.op_backend, probe)
 
 
@@ -49,14 +49,17 @@ def _flops_per_step(engine, problem, batch) -> int:
 
 def _fields(engine, variant, problem, batch, seconds, steps, device_info, compile_mode):
     flops_per_step = _flops_per_step(engine, problem, batch)
-    fields = dict(variant=variant.id, backend=variant.backend, dtype=DTYPE_NAMES[variant.dtype], batch=batch,
+    fields = dict(variant=variant.id, backend=variant.backend, batch=batch,
                   steps=steps, config=problem.config, height=problem.size, width=problem.size,
                   flops_per_step=flops_per_step, op_backend=_op_backend(engine, variant),
                   compile_mode=variant.with_compile_mode(compile_mode).compile_mode,
                   tile=problem.tile, tile_overlap=problem.tile_overlap)
+    peak, precision = device_info.peak_flops(engine.dtype)
+    fields.update(dtype=DTYPE_NAMES[engine.dtype], dtype_reason=engine.dtype_reason,
+                  roofline_peak_tflops=float(f"{peak / 1e12:.4g}"), roofline_precision=precision)
     if seconds:
         fields.update(ms_per_step=seconds / steps * 1e3, images_per_s=batch / seconds,
-                      roofline_fraction=flops_per_step * steps / seconds / device_info.peak_bf16_flops)
+                      roofline_fraction=flops_per_step * steps / seconds / peak)
     return fields
 
 

@@ -61,34 +61,58 @@ def test_sr3_16_128_costs_the_92_gflop_per_step_of_the_design():
     assert harness.flops_per_image("sr3-16-128", 128, 128) / 1e9 == pytest.approx(92.35, abs=0.01)
 
 
-@pytest.mark.parametrize("name, tflops, tbps", [
-    ("NVIDIA H100 80GB HBM3", 989.4, 3.35), ("NVIDIA H100 PCIe", 756.5, 2.0), ("NVIDIA H100 NVL", 835.5, 3.9),
-    ("NVIDIA H200", 989.4, 4.8), ("NVIDIA A100-SXM4-80GB", 312.0, 2.039),
+@pytest.mark.parametrize("name, tflops, fp32_tflops, tbps", [
+    ("NVIDIA H100 80GB HBM3", 989.4, 67.0, 3.35), ("NVIDIA H100 PCIe", 756.5, 51.0, 2.0),
+    ("NVIDIA H100 NVL", 835.5, 60.0, 3.9), ("NVIDIA H200", 989.4, 67.0, 4.8), ("NVIDIA A100-SXM4-80GB", 312.0, 19.5, 2.039),
 ])
-def test_gpu_peaks_come_from_the_data_sheet(name, tflops, tbps):
-    flops, bandwidth, _ = harness.data_sheet(name)
-    assert (flops, bandwidth) == (tflops * 1e12, tbps * 1e12)
+def test_gpu_peaks_come_from_the_data_sheet(name, tflops, fp32_tflops, tbps):
+    flops, fp32_flops, bandwidth, source = harness.data_sheet(name, tf32=False)
+    assert (flops, fp32_flops, bandwidth) == (tflops * 1e12, fp32_tflops * 1e12, tbps * 1e12)
+    assert "CUDA cores" in source
+    # Where cuDNN may use TF32 for fp32 convolutions, the fp32 peak is TF32's: half of bf16's.
+    assert harness.data_sheet(name, tf32=True)[1] == tflops * 1e12 / 2
+
+
+def _device_info(device: str, native_bf16: bool) -> harness.DeviceInfo:
+    return harness.DeviceInfo(device, "a device", 100e12, 1e12, "given", {}, 10e12, native_bf16)
+
+
+@pytest.mark.parametrize("device, native, dtype, peak, precision", [
+    ("cpu", False, torch.float32, 10e12, "fp32"),
+    ("cpu", False, torch.bfloat16, 10e12, "fp32 (bf16 is emulated in fp32 here)"),
+    ("cpu", True, torch.bfloat16, 100e12, "bf16"),
+    ("cpu", True, torch.float16, 10e12, "fp32 (fp16 is emulated in fp32 here)"),
+    ("cuda", True, torch.float16, 100e12, "bf16"),
+    ("cuda", True, torch.float32, 10e12, "fp32"),
+])
+def test_a_rows_roofline_is_the_peak_of_the_precision_the_device_computes_it_in(device, native, dtype, peak,
+                                                                                 precision):
+    assert _device_info(device, native).peak_flops(dtype) == (peak, precision)
 
 
 def test_an_unknown_device_has_no_data_sheet_and_is_measured():
     for name in ("Some Future GPU", "NVIDIA GH200 480GB", "NVIDIA H100 80GB HBM3 MIG 1g.10gb"):
         assert harness.data_sheet(name) is None, name
     info = harness.describe(torch.device("cpu"))
-    assert info.peak_bf16_flops > 0 and info.peak_bytes_per_s > 0 and "measured" in info.peak_source
+    assert info.peak_bf16_flops > 0 and info.peak_fp32_flops > 0 and info.peak_bytes_per_s > 0
+    assert "measured" in info.peak_source and "fp32 matmul" in info.peak_source
     row = info.row()
     assert row["torch"] == torch.__version__ and row["device"] == "cpu"
 
 
 def test_given_peaks_replace_the_measured_ones():
-    info = harness.describe(torch.device("cpu"), peak_tflops=2.0, peak_gbps=50.0)
-    assert (info.peak_bf16_flops, info.peak_bytes_per_s) == (2.0e12, 50.0e9)
-    assert "--peak-tflops 2.0" in info.peak_source and "--peak-gbps 50.0" in info.peak_source
+    info = harness.describe(torch.device("cpu"), peak_tflops=2.0, peak_gbps=50.0, peak_fp32_tflops=0.5)
+    assert (info.peak_bf16_flops, info.peak_fp32_flops, info.peak_bytes_per_s) == (2.0e12, 0.5e12, 50.0e9)
+    assert all(given in info.peak_source for given in ("--peak-tflops 2.0", "--peak-gbps 50.0",
+                                                        "--peak-fp32-tflops 0.5"))
+    assert "measured here" not in info.peak_source
 
 
-def test_the_bf16_peak_is_measured_on_the_largest_matmul_the_budget_allows():
-    flops, side = harness.measure_bf16_flops(torch.device("cpu"), size=512, repeats=1, budget_s=0.0)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_the_peaks_are_measured_on_the_largest_matmul_the_budget_allows(dtype):
+    flops, side = harness.measure_flops(torch.device("cpu"), dtype, size=512, repeats=1, budget_s=0.0)
     assert side == 256 and flops > 0  # no budget: the first side only
-    flops, side = harness.measure_bf16_flops(torch.device("cpu"), size=512, repeats=1, budget_s=1e9)
+    flops, side = harness.measure_flops(torch.device("cpu"), dtype, size=512, repeats=1, budget_s=1e9)
     assert side == 512 and flops > 0  # never beyond `size`
 
 
@@ -104,7 +128,7 @@ def test_the_cuda_clock_waits_for_the_work_it_times():
     queued = time.perf_counter()
     elapsed = clock() - start
     torch.cuda.synchronize(device)
-    expected = 20 * 2 * 4096**3 / harness.measure_bf16_flops(device, 4096)[0] / 4  # fp32 runs at most ~4x slower
+    expected = 20 * 2 * 4096**3 / harness.measure_flops(device, torch.bfloat16, 4096)[0] / 4  # fp32 runs at most ~4x slower
     assert elapsed > queued - start and elapsed > expected / 10
 
 
@@ -174,7 +198,7 @@ def test_report_tables_hold_the_runs_ratios(tmp_path, results):
     assert "| fused-bf16 vs eager-fp32, batch 16 | >= 2.5x | 4.00x |" in section
     assert "| fused-bf16 vs the faster compile variant, batch 32 | >= 1.25x | 1.25x |" in section
     roofline = 32 * FLOPS_PER_IMAGE * 100 / 16.0 / 989.4e12
-    assert f"| fused-bf16 bf16 roofline fraction, batch 32 | >= 50% | {100 * roofline:.1f}% |" in section
+    assert f"| fused-bf16 roofline fraction, batch 32 | >= 50% | {100 * roofline:.1f}% |" in section
     assert "| fused-bf16 | 0.50 ±5% | 1.60 ±5% | 2.00 ±5% |" in section  # images/s, half the IQR
     assert "| compile-bf16 | 3.33x | 3.33x | 4.00x |" in section  # speed-up over eager fp32
     assert "| group_norm_silu 16x64x128x128 | 400, 83.9 (2.5%) | 100, 336 (10.0%) | 4.00x |" in section
@@ -450,3 +474,18 @@ def test_rows_missing_what_the_tables_need_are_refused_naming_the_file(tmp_path,
     path = _write(tmp_path, document)
     assert report.main([str(path), "--results", str(results)]) == 1
     assert f"{path}: benchmark 'test_sample[eager-fp32-batch1]' lacks images_per_s" in capsys.readouterr().err
+
+
+def test_a_roofline_fraction_above_the_peak_is_printed_as_an_error_and_the_peak_is_named(tmp_path, results):
+    document = _document()
+    for bench in document["benchmarks"]:
+        info = bench["extra_info"]
+        if info["kind"] == "sample":
+            info.update(roofline_precision="bf16", roofline_peak_tflops=989.4)
+            if info["variant"] == "fused-bf16" and info["batch"] == 32:
+                info["roofline_fraction"] = 6.92
+    assert report.main([str(_write(tmp_path, document)), "--results", str(results)]) == 0
+    section = _run_section(results.read_text(), "NVIDIA H100 80GB HBM3 | 2026-11-24")
+    assert "| fused-bf16 roofline fraction, batch 32 | >= 50% | error: above the peak |" in section
+    assert "692" not in section
+    assert "of the peak each row computes in: eager-fp32: bf16 989 TFLOP/s" in section
