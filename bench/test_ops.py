@@ -14,7 +14,9 @@ from memory rather than the L2 cache; on the CPU a round is one direct call.
   bf16 channels_last (what the fused engine runs) at batch 1 and 16, plus a decoder width of
   192 channels (6 per group) at batch 16 and a 128x1024x1024 map; on the CPU in fp32 at
   batch 1 and 4, NCHW and channels_last, and in bf16 channels_last (the CPU fused engine's
-  bf16 layout) at batch 4.
+  bf16 layout) at batch 4; and on the CPU demo-x4's shapes at 256x256 (8 groups, ids ending
+  in -g8), fp32 and bf16 channels_last at batch 4, where the C++ op's bf16 rows record which
+  conversion ran (`bf16_path`).
 - The posterior step on the sampling state (B, 3, 128, 128) at batch 1 and 32 and on a
   (32, 3, 512, 512) state, whose size is bandwidth-bound on any device; with the noise given
   as a tensor (read like the other inputs) and drawn from a seed (no noise tensor at all).
@@ -34,20 +36,24 @@ BACKENDS = ("native", "triton", "cpp", "compile")
 SR3_16_128_ACTIVATIONS = ((64, 128, 128), (128, 64, 64), (256, 32, 32), (512, 16, 16), (512, 8, 8))
 # Decoder widths whose channels per group are not powers of two, and one large map.
 CUDA_EXTRA_ACTIVATIONS = ((16, (192, 128, 128)), (1, (128, 1024, 1024)))
+# demo-x4's GroupNorm+SiLU inputs at 64x64 -> 256x256 (8 groups): where the C++ op's bf16 path
+# (the CPU's own conversion where it has AVX-512 BF16) must keep up with its fp32 one.
+DEMO_X4_ACTIVATIONS = ((32, 256, 256), (64, 128, 128), (64, 64, 64), (128, 32, 32))
 GROUP_NORM_CASES = {
-    "cuda": [(batch, chw, "channels_last", torch.bfloat16) for batch in (1, 16) for chw in SR3_16_128_ACTIVATIONS]
-    + [(batch, chw, "channels_last", torch.bfloat16) for batch, chw in CUDA_EXTRA_ACTIVATIONS],
-    "cpu": [(batch, chw, layout, torch.float32) for batch in (1, 4) for chw in SR3_16_128_ACTIVATIONS
+    "cuda": [(batch, chw, "channels_last", torch.bfloat16, 32) for batch in (1, 16) for chw in SR3_16_128_ACTIVATIONS]
+    + [(batch, chw, "channels_last", torch.bfloat16, 32) for batch, chw in CUDA_EXTRA_ACTIVATIONS],
+    "cpu": [(batch, chw, layout, torch.float32, 32) for batch in (1, 4) for chw in SR3_16_128_ACTIVATIONS
             for layout in ("nchw", "channels_last")]
-    + [(4, chw, "channels_last", torch.bfloat16) for chw in SR3_16_128_ACTIVATIONS],
+    + [(4, chw, "channels_last", torch.bfloat16, 32) for chw in SR3_16_128_ACTIVATIONS]
+    + [(4, chw, "channels_last", dtype, 8) for chw in DEMO_X4_ACTIVATIONS for dtype in (torch.float32, torch.bfloat16)],
 }
 POSTERIOR_SHAPES = ((1, 3, 128, 128), (32, 3, 128, 128), (32, 3, 512, 512))
 COEFFICIENTS = dict(state_coef=1.3, output_coef=0.8, coef1=0.3, coef2=0.7, sigma=0.05)
 
 
 def _case_id(case) -> str:
-    batch, chw, layout, dtype = case
-    return f"{batch}x{'x'.join(map(str, chw))}-{layout}-{DTYPE_NAMES[dtype]}"
+    batch, chw, layout, dtype, groups = case
+    return f"{batch}x{'x'.join(map(str, chw))}-{layout}-{DTYPE_NAMES[dtype]}" + (f"-g{groups}" if groups != 32 else "")
 
 
 def pytest_generate_tests(metafunc):
@@ -96,7 +102,7 @@ def _report(benchmark, device_info, backend: str, bytes_moved: int, calls: int, 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_group_norm_silu(benchmark, device, device_info, group_norm_case, backend):
-    batch, (channels, height, width), layout, dtype = group_norm_case
+    batch, (channels, height, width), layout, dtype, groups = group_norm_case
     generator = torch.Generator(device).manual_seed(0)
     x = torch.randn(batch, channels, height, width, device=device, dtype=dtype, generator=generator)
     if layout == "channels_last":
@@ -106,9 +112,19 @@ def test_group_norm_silu(benchmark, device, device_info, group_norm_case, backen
     run = _runner("group_norm_silu", backend, ops.group_norm_silu, x)
     benchmark.group = f"group_norm_silu {_case_id(group_norm_case)}"
     bytes_per_call = 2 * x.numel() * x.element_size()
-    out, calls = _timed(benchmark, run, lambda: ((x.clone(), 32, weight, bias), {}), bytes_per_call, device)
-    _report(benchmark, device_info, backend, bytes_per_call, calls, op="group_norm_silu", dtype=DTYPE_NAMES[dtype])
+    out, calls = _timed(benchmark, run, lambda: ((x.clone(), groups, weight, bias), {}), bytes_per_call, device)
+    _report(benchmark, device_info, backend, bytes_per_call, calls, op="group_norm_silu", dtype=DTYPE_NAMES[dtype],
+            groups=groups, **_bf16_path(backend, x))
     assert out.shape == x.shape and out.dtype == dtype
+
+
+def _bf16_path(backend: str, x: torch.Tensor) -> dict:
+    """Which bf16 conversion the C++ op ran on the CPU (the CPU's own AVX-512 BF16 one, or generic)."""
+    if backend != "cpp" or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        return {}
+    from sr3_engine import _C
+
+    return {"bf16_path": _C.bf16_path()}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
