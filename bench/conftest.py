@@ -19,6 +19,7 @@ import sr3_engine as sr3
 from sr3_engine.runtime.backends import BackendUnavailableError
 
 from . import harness
+from .finished_rows import pytest_sessionfinish  # noqa: F401 (a hook: pytest finds it here)
 from .harness import PROBLEMS, VARIANTS, Problem, Variant
 
 # Skipped benchmarks and their reasons, for the JSON (pytest-benchmark only records those that ran).
@@ -67,17 +68,6 @@ def pytest_runtest_makereport(item, call):
         _skipped.append({"test": item.originalname, "case": item.callspec.id if params else "", "backend": backend,
                          "reason": reason.removeprefix("Skipped: ")})
     return report
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_sessionfinish(session, exitstatus):
-    """Keep only the rows that finished before pytest-benchmark writes its JSON: a run stopped by
-    SIGINT (gpu-check at its deadline) leaves the interrupted benchmark without timings, which
-    would fail the whole file, or timed but not yet recorded, which the report cannot read."""
-    benchmarks = getattr(session.config, "_benchmarksession", None)
-    if benchmarks is not None:
-        benchmarks.benchmarks[:] = [row for row in benchmarks.benchmarks if row and "kind" in row.extra_info]
-    return (yield)
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

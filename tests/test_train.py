@@ -164,12 +164,17 @@ def test_killed_and_resumed_run_ends_bit_identical(images, tmp_path, workers):
     args = ["--data", str(images), *TINY, "--config", str(config), "--steps", "6", "--save-every", "3",
             "--blur-sigma", "1.0", "--lr-decay-steps", "4", "--num-workers", str(workers), "--op-backend", "native"]
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    assert train.main([*args, "--out", str(reference)]) == 0
+    # Every run in a fresh process, as a restarted run is: DataLoader workers forked from this
+    # test process would carry whatever earlier tests loaded into it (OpenVINO's thread pool
+    # has crashed them).
+    done = _cli([*args, "--out", str(reference)])
+    assert done.returncode == 0, done.stderr
 
     killed = _cli([*args, "--out", str(resumed)], env={KILL_AFTER_SAVE_ENV: "1"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert _load(resumed)["step"] == 3
-    assert train.main(["--out", str(resumed), "--resume"]) == 0
+    done = _cli(["--out", str(resumed), "--resume"])
+    assert done.returncode == 0, done.stderr
 
     assert _load(resumed)["step"] == 6
     assert _states_equal(_load(reference), _load(resumed)) == []
