@@ -122,7 +122,7 @@ def run_stage(stage: Stage, log, limit_s: float, grace_s: float = GRACE_S, stdou
     log.flush()
     started = time.perf_counter()
     process = subprocess.Popen(stage.command, cwd=ROOT, env=env, stdout=stdout or log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=_default_sigint)
     result = {"stage": stage.name, "limit_s": round(limit_s, 1)}
     try:
         result["exit"] = process.wait(timeout=limit_s)
@@ -138,6 +138,13 @@ def run_stage(stage: Stage, log, limit_s: float, grace_s: float = GRACE_S, stdou
               + (f" ({result['stopped']})" if "stopped" in result else "") + "\n")
     log.flush()
     return result
+
+
+def _default_sigint() -> None:
+    """In the stage's process before it starts: SIGINT back to its default. An ignored SIGINT is
+    inherited across exec (a job started with & from a script has it), and Python then keeps
+    ignoring it, so the graceful stop would find nothing listening."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _stop(process: subprocess.Popen, grace_s: float) -> dict:

@@ -4,6 +4,7 @@ keep finished rows, nothing left running), the offline install, and the table an
 from recorded results."""
 
 import json
+import signal
 import sys
 import textwrap
 import time
@@ -101,6 +102,16 @@ def _alive(pid: int) -> bool:
 
 
 def test_an_overrun_stage_keeps_its_finished_rows_and_test_results(tmp_path):
+    # As gpu-check started in the background of a script would have it: SIGINT ignored, which its
+    # stages would inherit.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _overrun_stage_keeps_its_finished_rows(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _overrun_stage_keeps_its_finished_rows(tmp_path):
     (tmp_path / "test_stand_in.py").write_text(STAND_IN_BENCHMARKS)
     out = tmp_path / "out"
     out.mkdir()
