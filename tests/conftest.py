@@ -16,6 +16,16 @@ def _deterministic_torch():
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test, as training tests want: on a small shared machine,
+    oversubscribed OpenMP threads slow tiny convolutions a hundredfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_model() -> sr3.SR3UNet:
     torch.manual_seed(1234)
     return sr3.SR3UNet(sr3.UNetConfig.named("tiny")).eval()

@@ -35,13 +35,8 @@ TINY_DISTILL = ["--hr-size", "32", "--batch-size", "2", "--log-every", "1", "--w
                 "--op-backend", "native"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # As in test_train: one thread per training process on a small shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Training processes here (in-process and child) use one thread each (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _paper_two_steps_target(teacher, x_up, z, level_t, level_mid, level_end, prediction, clip):

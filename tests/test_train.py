@@ -24,14 +24,8 @@ TINY = ["--config", "tiny", "--scale", "4", "--hr-size", "32", "--batch-size", "
         "--warmup-steps", "2", "--sample-steps", "4", "--seed", "7"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Training processes in these tests (in-process and child) use one thread each: on a
-    # small shared machine, oversubscribed OpenMP threads slow tiny convolutions a hundredfold.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Training processes here (in-process and child) use one thread each (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gradient_image(index: int, size: int = 48) -> Image.Image:
