@@ -25,8 +25,6 @@ EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
 SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 # Appended to the engine's MemoryBudgetError message.
 TILE_HINT = "try --tile N with a smaller N, or a larger --max-memory"
-# The one spelling of precisions on the command line.
-DTYPES = PRECISIONS
 
 
 class UsageError(Exception):
@@ -157,7 +155,7 @@ def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto") 
 def add_dtype_argument(parser: argparse.ArgumentParser, default: str = AUTO, help: str = "model precision") -> None:
     """--dtype: fp32, fp16, bf16, or auto (bf16 where the device and backend compute it natively, else
     fp32) unless the default is one of the three, as for a file's precision."""
-    choices = PRECISION_CHOICES if default == AUTO else tuple(DTYPES)
+    choices = PRECISION_CHOICES if default == AUTO else tuple(PRECISIONS)
     auto = ", auto: bf16 where the device and backend compute it natively, else fp32" if default == AUTO else ""
     parser.add_argument("--dtype", choices=choices, default=default, help=f"{help} (default {default}{auto})")
 

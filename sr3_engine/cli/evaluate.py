@@ -36,8 +36,7 @@ from ..schedules import NoiseSchedule
 from ..training.data import DataError, centre_crop, make_lr, print_warning, usable_images
 from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, TILE_HINT, UsageError, add_device_argument,
                      add_dtype_argument, add_sampler_arguments, add_tiling_arguments, engine_line, parse_device,
-                     print_error,
-                     run_until_stopped, sampler_config, tile_pixels)
+                     print_error, run_until_stopped, sampler_config, tile_pixels)
 
 SHEET_LABELS = ("LR (nearest)", "bicubic", "SR3", "HR")
 

@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 from ..runtime import model_dir
 from ..runtime.backends import BackendUnavailableError
 from ..runtime.backends.tensorrt import build_engine, import_tensorrt
+from ..runtime.engine import PRECISIONS
 from ..runtime.onnx_export import (DEFAULT_OPSET, TOLERANCE, ExportError, check_opset, check_shapes, export_onnx,
                                    max_abs_error, require)
-from .common import DTYPES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_dtype_argument, print_error
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_dtype_argument, print_error
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -90,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    dtype = DTYPES[args.dtype]
+    dtype = PRECISIONS[args.dtype]
     check_opset(args.opset)
     require("onnxscript", "ONNX export")
     if args.check:

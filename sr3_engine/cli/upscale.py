@@ -60,8 +60,8 @@ from ..runtime.tiling import MemoryBudgetError, check_tile
 from ..samplers import SamplerConfig
 from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, TILE_HINT, UsageError, add_device_argument,
                      add_dtype_argument, add_sampler_arguments, add_tiling_arguments, engine_line, loaded_engine,
-                     parse_device,
-                     positive_float, positive_int, print_error, run_until_stopped, sampler_config, tile_pixels)
+                     parse_device, positive_float, positive_int, print_error, run_until_stopped, sampler_config,
+                     tile_pixels)
 
 
 class Job(NamedTuple):
